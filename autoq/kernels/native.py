@@ -16,6 +16,16 @@ from autoq import primitives as P
 from autoq.kernels import QuantizedWeight
 
 
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``t`` in memory aligned to ``alignment`` bytes (a copy only when it is not).
+
+    The vectorised int8 kernels crash (SIGSEGV) on misaligned weights, and tensors read from a
+    safetensors file sit at arbitrary offsets of it.
+    """
+    t = t.contiguous()
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 def supports(family: str, weight: QuantizedWeight, x: torch.Tensor) -> str | None:
     if x.device.type != "cpu":
         return f"native kernels run on CPU, got a {x.device.type} tensor"
@@ -29,9 +39,9 @@ def supports(family: str, weight: QuantizedWeight, x: torch.Tensor) -> str | Non
 
 def prepare(family: str, weight: QuantizedWeight) -> object:
     if family == "int8_dynamic":
-        return weight.qweight, weight.scale.float()
+        return aligned(weight.qweight), weight.scale.float()
     if family == "int8_weight_only":
-        return weight.qweight.contiguous(), weight.scale.to(torch.bfloat16)
+        return aligned(weight.qweight), weight.scale.to(torch.bfloat16)
     if family == "int4":
         q = P.unpack_int4(weight.qweight).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)

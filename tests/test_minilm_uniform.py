@@ -1,0 +1,26 @@
+"""Every format applied uniformly to the pretrained MiniLM, scored on sentences it never saw."""
+
+import pytest
+
+import autoq
+
+from conftest import embedding_cosine, mean_pooled
+
+MIN_COSINE = {"int8_dynamic": 0.995, "int8_weight_only": 0.999, "int4_g32": 0.955, "int4_g64": 0.955, "int4_g128": 0.955}
+
+
+@pytest.fixture(scope="module")
+def reference_embedding(minilm_dir, unseen_batch):
+    import transformers
+
+    return mean_pooled(transformers.AutoModel.from_pretrained(minilm_dir).eval(), unseen_batch)
+
+
+@pytest.mark.parametrize("fmt", list(MIN_COSINE))
+def test_uniform_format_cosine(fmt, minilm, unseen_batch, reference_embedding):
+    layers = autoq.quantizable_layers(minilm)
+    assert len(layers) == 37
+    autoq.apply(minilm, {name: fmt for name in layers})
+    assert len(autoq.layer_formats(minilm)) == 37
+    cosine = embedding_cosine(mean_pooled(minilm, unseen_batch), reference_embedding)
+    assert cosine >= MIN_COSINE[fmt], f"{fmt}: cosine {cosine:.4f}"
