@@ -142,3 +142,16 @@ def test_misaligned_weights_run(fmt):
     q.qweight = view
     x = torch.randn(20, 128)
     assert torch.isfinite(q(x)).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8_weight_only", "int4_g64"])
+def test_large_m_dequantize_gemm_path_agrees_with_small_m_kernel(fmt):
+    """Weight-only formats switch kernels at DEQUANT_GEMM_MIN_M rows; both give the same numbers."""
+    from autoq.kernels.native import DEQUANT_GEMM_MIN_M
+
+    torch.manual_seed(0)
+    q = quantize_layer(torch.randn(64, 128), torch.randn(64), fmt)
+    x = torch.randn(DEQUANT_GEMM_MIN_M, 128)
+    large = q(x)
+    small = torch.cat([q(chunk) for chunk in x.split(DEQUANT_GEMM_MIN_M // 4)])
+    assert rel_err(large, small) < 1e-2
