@@ -1,0 +1,306 @@
+"""Triton kernels for the int8 formats.
+
+Weight layout: the checkpoint's, unchanged: ``qweight`` int8 ``[N, K]`` (K contiguous) and an fp32
+per-output-channel ``scale [N]``. Rows that are contiguous in K suit both kernels: the GEMV streams
+each row with wide vector loads, and int8 tensor-core dots want K-major operands.
+
+int8_dynamic (W8A8)
+    1. :func:`quantize_per_token` — one program per row reads the row once for its absmax and once
+       more (from cache) to write int8 values and the fp32 scale. This single kernel replaces
+       the ~8 elementwise/reduction kernels of the eager version (abs, amax, div, clamp, div,
+       round, clamp, cast), each of which reads and writes a full fp32 copy of ``x``.
+    2. :func:`int8_dynamic_linear` — int8 x int8 -> int32 ``tl.dot``; the epilogue applies the
+       per-token and per-channel scales and the bias in fp32 and writes the activation dtype,
+       so the int32 ``[M, N]`` product never goes to memory (``torch._int_mm`` writes it, and
+       scaling, bias and the cast are three more passes over it).
+    Quantizing inside the matmul prologue is not done: the scale of a row needs the absmax over
+    all of K before its first tile can be quantized, and every column block would redo it.
+
+    Numerics match ``autoq.kernels.reference``: absmax / 127 (correctly rounded division),
+    round half to even, clamp to [-127, 127]; the int32 accumulation is exact.
+
+int8_weight_only (W8A16)
+    - GEMV (M <= 4): each program owns ``BLOCK_N`` rows of the weight and one K slice
+      (split-K), streams the rows with wide loads and accumulates in fp32; the per-channel scale
+      is applied once at the end.
+    - tiled GEMM: the int8 tile is converted to the activation dtype (exact: |q| <= 127) and fed
+      to ``tl.dot``; the scale is applied in the epilogue, so the dequantized weight is exact.
+    - dequantize + cuBLAS: a kernel writes ``q * scale`` in the activation dtype, then
+      ``F.linear``; used only where the tuner measured it faster (large M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from autoq.kernels.triton_common import (
+    dot_in_fp32,
+    int8_to_float,
+    interpreting,
+    output_buffer,
+    split_k_range,
+    tile_ids,
+    write_result,
+)
+from autoq.kernels.tuning import KernelConfig
+from autoq.primitives import ROUND_MAGIC, SCALE_EPS
+
+_ROUND_MAGIC = tl.constexpr(ROUND_MAGIC)
+_SCALE_EPS = tl.constexpr(SCALE_EPS)
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """Prepared int8 weight: ``qweight`` int8 ``[N, K]`` contiguous, ``scale`` fp32 ``[N]``."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+
+def prepare_int8(qweight: torch.Tensor, scale: torch.Tensor) -> Int8Weight:
+    return Int8Weight(qweight.contiguous(), scale.float().reshape(-1).contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token activation quantization
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    # div_rn: Triton's default fp32 division is approximate; torch's is correctly rounded.
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), _SCALE_EPS)
+
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, scale)
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC  # round half to even, like torch.round
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)  # clamp before the cast: it would wrap
+        tl.store(q_row + k0 + offs, v.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``[M, K]`` and fp32 scales ``[M]`` of a 2-D activation (one kernel launch)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    block_k = min(triton.next_power_of_2(k), 64 if interpreting() else 4096)
+    num_warps = 8 if block_k >= 2048 else 4
+    _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block_k,
+                                num_warps=num_warps)
+    return q, scale
+
+
+# --------------------------------------------------------------------------------------------
+# int8_dynamic: int8 x int8 -> int32 with a fused scale / bias epilogue
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _int8_dynamic_mm_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start, k_end = split_k_range(K, pid_k, SPLIT_K, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_end
+        a = tl.load(xq_ptr + offs_m[:, None] * stride_xm + ks[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(w_ptr + offs_n[None, :] * stride_wn + ks[:, None],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(a, b, acc)
+
+    x_scale = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
+    w_scale = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
+                 m_mask[:, None] & n_mask[None, :], SPLIT_K)
+
+
+def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None,
+                        config: KernelConfig) -> torch.Tensor:
+    """``y = (quant(x) @ qweight.T) * x_scale * w_scale + bias`` in ``x.dtype``."""
+    if config.kernel != "mm":
+        raise ValueError(f"int8_dynamic has only the 'mm' kernel, not {config.kernel!r}")
+    xq, xs = quantize_per_token(x)
+    m, k = xq.shape
+    n = w.out_features
+    y = output_buffer(m, n, x.dtype, x.device, config.split_k)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+    _int8_dynamic_mm_kernel[grid](
+        xq, xs, w.qweight, w.scale, bias if bias is not None else y, y,
+        m, n, k, xq.stride(0), w.qweight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# int8_weight_only: GEMV, tiled GEMM, dequantize
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_start, k_end = split_k_range(K, pid_k, SPLIT_K, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+
+    # A 2-D accumulator defers the cross-lane reduction to after the loop.
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_end
+        x = tl.load(x_row + ks, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        acc += int8_to_float(w) * x[None, :]
+
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, SPLIT_K)
+
+
+@triton.jit
+def _int8_weight_only_mm_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start, k_end = split_k_range(K, pid_k, SPLIT_K, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_end
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+        b = tl.load(w_ptr + offs_n[None, :] * stride_wn + ks[:, None],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(a, int8_to_float(b).to(a.dtype), acc, input_precision=DOT_PRECISION)
+
+    y = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
+                 m_mask[:, None] & n_mask[None, :], SPLIT_K)
+
+
+@triton.jit
+def _int8_dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_on,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = int8_to_float(w) * s[:, None]
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int8(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``qweight * scale`` as ``[N, K]`` in ``dtype`` (one pass)."""
+    n, k = w.qweight.shape
+    out = torch.empty((n, k), dtype=dtype, device=w.qweight.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, 128))
+    _int8_dequantize_kernel[grid](w.qweight, w.scale, out, n, k, w.qweight.stride(0),
+                                  out.stride(0), BLOCK_N=32, BLOCK_K=128)
+    return out
+
+
+def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None,
+                            config: KernelConfig) -> torch.Tensor:
+    """``y = x @ (qweight * scale).T + bias`` in ``x.dtype``, by the kernel ``config`` names."""
+    m, k = x.shape
+    n = w.out_features
+    if config.kernel == "dequant":
+        return F.linear(x, dequantize_int8(w, x.dtype), None if bias is None else bias.to(x.dtype))
+    y = output_buffer(m, n, x.dtype, x.device, config.split_k)
+    bias_arg = bias if bias is not None else y
+    if config.kernel == "gemv":
+        grid = (triton.cdiv(n, config.block_n), config.split_k, m)
+        _int8_gemv_kernel[grid](
+            x, w.qweight, w.scale, bias_arg, y, n, k, x.stride(0), w.qweight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    elif config.kernel == "mm":
+        dot_f32 = dot_in_fp32(x.dtype)
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+        _int8_weight_only_mm_kernel[grid](
+            x, w.qweight, w.scale, bias_arg, y, m, n, k,
+            x.stride(0), w.qweight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, SPLIT_K=config.split_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    else:
+        raise ValueError(f"unknown int8_weight_only kernel {config.kernel!r}")
+    return y.to(x.dtype)

@@ -1,0 +1,254 @@
+"""Block configurations for the Triton kernels: candidates, tuning and the on-disk cache.
+
+A configuration names the kernel (``"gemv"``, ``"mm"`` or ``"dequant"`` = dequantize + cuBLAS)
+and its block sizes. The best one is chosen per key
+``family | activation dtype | M bucket | N | K | group size`` by timing every candidate with
+``triton.testing.do_bench`` (which flushes L2 between runs) — our own loop rather than
+``@triton.autotune``, whose multi-config form cannot run without a GPU.
+
+Choices are persisted per GPU model as JSON in ``$AUTOQ_CACHE_DIR/kernels/<gpu>.json`` (default
+cache dir: ``platformdirs.user_cache_dir("autoq")``)::
+
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.4.0",
+     "entries": {"int4|bfloat16|m1|n4096|k14336|g128":
+                 {"kernel": "gemv", "block_m": 1, "block_n": 128, "block_k": 256, "split_k": 4,
+                  "group_m": 1, "num_warps": 4, "num_stages": 2, "ms": 0.0123}}}
+
+so a new process does not re-tune. A file written by another Triton version is ignored.
+Without CUDA, under ``TRITON_INTERPRET=1``, every shape uses one fixed configuration
+(:func:`fixed_config`); ``AUTOQ_AUTOTUNE=0`` skips the timing on CUDA and uses
+:func:`default_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+CACHE_FORMAT = 1
+M_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+KERNELS = ("gemv", "mm", "dequant")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kernel: str  # "gemv", "mm" or "dequant"
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KernelConfig:
+        names = {f.name for f in fields(cls)}
+        config = cls(**{key: value for key, value in data.items() if key in names})
+        if config.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {config.kernel!r} in a cached config")
+        return config
+
+
+def m_bucket(m: int) -> int:
+    """The smallest bucket >= m (the last bucket holds every larger M)."""
+    for bucket in M_BUCKETS:
+        if m <= bucket:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+def tuning_key(family: str, dtype: torch.dtype, m: int, n: int, k: int,
+               group_size: int | None) -> str:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{family}|{dtype_name}|m{m_bucket(m)}|n{n}|k{k}|g{group_size or 0}"
+
+
+def _gemv(block_n: int, block_k: int, split_k: int, num_warps: int = 4) -> KernelConfig:
+    return KernelConfig("gemv", 1, block_n, block_k, split_k, 1, num_warps, 2)
+
+
+def _mm(block_m: int, block_n: int, block_k: int, split_k: int = 1, num_warps: int = 4,
+        num_stages: int = 4, group_m: int = 8) -> KernelConfig:
+    return KernelConfig("mm", block_m, block_n, block_k, split_k, group_m, num_warps, num_stages)
+
+
+DEQUANT = KernelConfig("dequant", 0, 0, 0, 1, 0, 0, 0)
+
+
+def fixed_config(family: str, m: int) -> KernelConfig:
+    """The one configuration per path used without CUDA (interpreter): small blocks, and
+    split-K on the small-M paths so that the tests exercise it."""
+    if m == 1 and family != "int8_dynamic":
+        return _gemv(32, 64, 2)
+    if m <= 16:
+        return _mm(16, 32, 32, split_k=2)
+    return _mm(32, 32, 32, group_m=4)
+
+
+def default_config(family: str, m: int, k: int, group_size: int | None) -> KernelConfig:
+    """A reasonable CUDA configuration when tuning is disabled."""
+    bk_limit = group_size or 256
+    if m == 1 and family != "int8_dynamic":
+        return _gemv(128 if family == "int4" else 32, 256, 4 if k >= 4096 else 1)
+    if m <= 16:
+        return _mm(16, 64, min(128, bk_limit), split_k=4 if k >= 4096 else 1)
+    if m <= 64:
+        return _mm(64, 64, min(64, bk_limit))
+    return _mm(128, 128, min(64, bk_limit), num_warps=8, num_stages=3)
+
+
+def candidates(family: str, m: int, k: int, group_size: int | None) -> list[KernelConfig]:
+    """Configurations timed for one M bucket (CUDA only)."""
+    bucket = m_bucket(m)
+    weight_only = family != "int8_dynamic"
+    bk_limit = group_size or 256  # an int4 GEMM tile stays inside one group
+    out: list[KernelConfig] = []
+
+    def splits(block_k: int, options: tuple[int, ...]) -> list[int]:
+        return [s for s in options if s == 1 or k >= 2 * s * block_k]
+
+    if weight_only and bucket <= 4:
+        tiles = ([(64, 256), (128, 128), (128, 256), (256, 128), (64, 512)] if family == "int4"
+                 else [(16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (8, 512)])
+        for block_n, block_k in tiles:
+            for split_k in splits(block_k, (1, 2, 4, 8)):
+                out.append(_gemv(block_n, block_k, split_k))
+        out.append(_gemv(tiles[2][0], tiles[2][1], 4, num_warps=8))
+    if bucket <= 16:
+        for block_n, block_k in [(32, 128), (64, 64), (64, 128), (128, 64), (64, 256)]:
+            block_k = min(block_k, bk_limit)
+            for split_k in splits(block_k, (1, 2, 4, 8)):
+                out.append(_mm(16, block_n, block_k, split_k))
+    elif bucket <= 64:
+        for block_m in (32, 64):
+            for block_n in (64, 128):
+                for block_k in (min(64, bk_limit), min(128, bk_limit)):
+                    for split_k in splits(block_k, (1, 2, 4)):
+                        out.append(_mm(block_m, block_n, block_k, split_k))
+    else:
+        for bm, bn, bk, warps, stages in [
+            (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+            (64, 128, 32, 4, 4), (128, 128, 32, 4, 4), (128, 256, 32, 8, 4),
+        ]:
+            if bk <= bk_limit:
+                out.append(_mm(bm, bn, bk, num_warps=warps, num_stages=stages))
+        if bucket <= 256:
+            out.append(_mm(64, 128, min(64, bk_limit), split_k=2))
+    if weight_only and bucket >= 64:
+        out.append(DEQUANT)
+    return list(dict.fromkeys(out))  # clamping block_k to the group size can repeat configs
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache
+# --------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("AUTOQ_CACHE_DIR")
+    if not root:
+        import platformdirs
+
+        root = platformdirs.user_cache_dir("autoq")
+    return Path(root) / "kernels"
+
+
+def cache_path(device_name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_") or "gpu"
+    return cache_dir() / f"{safe}.json"
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def load_cache(device_name: str) -> dict[str, dict]:
+    """Cached entries for this GPU model (empty if none, unreadable or from another Triton)."""
+    path = cache_path(device_name)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("format") != CACHE_FORMAT or data.get("triton") != _triton_version():
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def save_entry(device_name: str, key: str, entry: dict) -> None:
+    """Add one entry to the file, keeping what other processes wrote meanwhile."""
+    path = cache_path(device_name)
+    entries = load_cache(device_name)
+    entries[key] = entry
+    data = {"format": CACHE_FORMAT, "device": device_name, "triton": _triton_version(),
+            "entries": dict(sorted(entries.items()))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class Tuner:
+    """Chooses and remembers the fastest configuration per key for one GPU model."""
+
+    def __init__(self, device_name: str):
+        self.device_name = device_name
+        self.chosen: dict[str, KernelConfig] = {}
+        for key, entry in load_cache(device_name).items():
+            try:
+                self.chosen[key] = KernelConfig.from_dict(entry)
+            except (TypeError, ValueError):
+                continue  # an entry from an incompatible version: tune it again
+
+    def get(self, key: str) -> KernelConfig | None:
+        return self.chosen.get(key)
+
+    def tune(self, key: str, configs: list[KernelConfig],
+             time_ms: Callable[[KernelConfig], float]) -> KernelConfig:
+        """Time every configuration, remember (and persist) the fastest for ``key``.
+
+        Configurations that do not fit the GPU (``OutOfResources``: too much shared memory or
+        too many registers) are skipped.
+        """
+        from triton.runtime.errors import OutOfResources
+
+        best: tuple[float, KernelConfig] | None = None
+        for config in configs:
+            try:
+                ms = time_ms(config)
+            except OutOfResources:
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, config)
+        if best is None:
+            raise RuntimeError(f"no kernel configuration could run for {key}")
+        self.chosen[key] = best[1]
+        save_entry(self.device_name, key, {**best[1].to_dict(), "ms": round(best[0], 6)})
+        return best[1]
+
+
+_TUNERS: dict[str, Tuner] = {}
+
+
+def tuner_for(device: torch.device) -> Tuner:
+    name = torch.cuda.get_device_name(device)
+    if name not in _TUNERS:
+        _TUNERS[name] = Tuner(name)
+    return _TUNERS[name]
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("AUTOQ_AUTOTUNE", "1").strip() not in ("0", "false", "no")
