@@ -1,0 +1,330 @@
+"""The Triton kernels against the reference backend.
+
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI runs it) or on a CUDA GPU; skipped when
+triton is not importable or neither is available.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from autoq import primitives as P  # noqa: E402
+from autoq.kernels import QuantizedWeight, reference, select_backend, tuning  # noqa: E402
+from autoq.kernels import triton_backend as tb  # noqa: E402
+from autoq.kernels.triton_int8 import quantize_per_token  # noqa: E402
+from autoq.kernels.tuning import KernelConfig  # noqa: E402
+from autoq.modules import quantize_layer  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+MS = [1, 3, 16, 33, 257]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Relative to the largest reference output: about 2 ulps of the output dtype (the interpreter
+# truncates fp32 -> bf16 instead of rounding to nearest).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ZERO_ROW = 1  # an all-zero weight row (output column == bias exactly)
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_tuning(monkeypatch):
+    # On a GPU, use the default configs rather than timing every candidate in each test.
+    monkeypatch.setenv("AUTOQ_AUTOTUNE", "0")
+
+
+def int8_weight(n: int, k: int, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    q[ZERO_ROW] = 0
+    scale[ZERO_ROW] = P.SCALE_EPS
+    q[2, :] = 127  # extremes of the int8 range
+    q[3, :] = -127
+    return QuantizedWeight(q.to(DEVICE), scale.to(DEVICE), None, n, k)
+
+
+def int4_weight(n: int, k: int, group: int, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    zero_point = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).half()
+    q[ZERO_ROW] = zero_point[ZERO_ROW].repeat_interleave(group)  # q == zp: w == 0 everywhere
+    q[2, :group] = zero_point[2, 0]  # one all-zero group
+    q[3], zero_point[3] = 15, 0  # largest positive and negative (q - zp)
+    q[4], zero_point[4] = 0, 15
+    return QuantizedWeight(P.pack_int4(q).to(DEVICE), scale.to(DEVICE), zero_point.to(DEVICE),
+                           n, k, group)
+
+
+def activation(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if m >= 3:
+        x[m // 2] = 0.0  # an all-zero token
+    return x.to(dtype).to(DEVICE)
+
+
+def make_bias(n: int, dtype: torch.dtype, with_bias: bool) -> torch.Tensor | None:
+    if not with_bias:
+        return None
+    return torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+
+
+def check(y: torch.Tensor, family: str, x: torch.Tensor, weight: QuantizedWeight,
+          bias: torch.Tensor | None) -> None:
+    expected = reference.linear(family, x, weight, bias)
+    assert y.shape == expected.shape and y.dtype == x.dtype
+    scale = float(expected.float().abs().max()) + 1e-6
+    tol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol * scale)
+    # Exact zeros stay exact: a zero weight row gives the bias, a zero token gives the bias.
+    bias_row = torch.zeros(weight.out_features) if bias is None else bias.to(x.dtype).float()
+    assert torch.equal(y[:, ZERO_ROW].float().cpu(), bias_row[ZERO_ROW].expand(x.shape[0]).cpu())
+    if x.shape[0] >= 3:
+        assert torch.equal(y[x.shape[0] // 2].float().cpu(), bias_row.cpu())
+
+
+# --------------------------------------------------------------------------------------------
+# Every family over M, dtype and bias (default configs: the fixed one under the interpreter)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_int8_dynamic_matches_reference(m, dtype, with_bias):
+    weight = int8_weight(40, 160)
+    x, bias = activation(m, 160, dtype), make_bias(40, dtype, with_bias)
+    y = tb.linear("int8_dynamic", x, tb.prepare("int8_dynamic", weight), bias)
+    check(y, "int8_dynamic", x, weight, bias)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_int8_weight_only_matches_reference(m, dtype, with_bias):
+    weight = int8_weight(72, 96)
+    x, bias = activation(m, 96, dtype), make_bias(72, dtype, with_bias)
+    y = tb.linear("int8_weight_only", x, tb.prepare("int8_weight_only", weight), bias)
+    check(y, "int8_weight_only", x, weight, bias)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("group, k, n", [(32, 160, 40), (64, 192, 72), (128, 384, 40)])
+def test_int4_matches_reference(group, k, n, m, dtype, with_bias):
+    weight = int4_weight(n, k, group)
+    x, bias = activation(m, k, dtype), make_bias(n, dtype, with_bias)
+    y = tb.linear("int4", x, tb.prepare("int4", weight), bias)
+    check(y, "int4", x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Explicit configurations: every kernel path, split-K with uneven slices, swizzled tiles
+# --------------------------------------------------------------------------------------------
+
+GEMV = KernelConfig("gemv", 1, 32, 64, 1, 1, 4, 2)
+CONFIGS = {
+    "gemv": GEMV,
+    "gemv-split3": KernelConfig("gemv", 1, 16, 32, 3, 1, 4, 2),
+    "mm-split3": KernelConfig("mm", 16, 32, 32, 3, 8, 4, 2),
+    "mm-swizzle": KernelConfig("mm", 16, 32, 32, 1, 2, 4, 2),
+    "dequant": tuning.DEQUANT,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("family", ["int8_weight_only", "int4"])
+def test_weight_only_kernel_paths(family, name, dtype):
+    m = 70 if name == "mm-swizzle" else 3
+    weight = int8_weight(72, 160) if family == "int8_weight_only" else int4_weight(72, 160, 32)
+    x, bias = activation(m, 160, dtype), make_bias(72, dtype, True)
+    y = tb.run(family, x, tb.prepare(family, weight), bias, CONFIGS[name])
+    check(y, family, x, weight, bias)
+
+
+@pytest.mark.parametrize("block_k, group, split_k", [(64, 64, 1), (32, 128, 2), (16, 32, 1)])
+def test_int4_tile_within_group(block_k, group, split_k):
+    weight = int4_weight(40, 5 * group, group)
+    x, bias = activation(17, 5 * group, torch.float16), make_bias(40, torch.float16, True)
+    config = KernelConfig("mm", 16, 32, block_k, split_k, 4, 4, 2)
+    check(tb.run("int4", x, tb.prepare("int4", weight), bias, config), "int4", x, weight, bias)
+
+
+def test_int4_gemv_tile_spanning_groups():
+    weight = int4_weight(40, 5 * 32, 32)
+    x = activation(2, 160, torch.float32)
+    config = KernelConfig("gemv", 1, 32, 128, 1, 1, 4, 2)  # a 128-wide tile covers 4 groups
+    check(tb.run("int4", x, tb.prepare("int4", weight), None, config), "int4", x, weight, None)
+
+
+def test_int4_gemm_rejects_tile_across_groups():
+    weight = int4_weight(40, 160, 32)
+    with pytest.raises(ValueError, match="must divide the group size"):
+        tb.run("int4", activation(20, 160, torch.float16), tb.prepare("int4", weight), None,
+               KernelConfig("mm", 16, 32, 64))
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_int8_dynamic_split_k(split_k):
+    weight = int8_weight(40, 160)
+    x, bias = activation(5, 160, torch.float16), make_bias(40, torch.float32, True)
+    config = KernelConfig("mm", 16, 32, 32, split_k, 8, 4, 2)
+    y = tb.run("int8_dynamic", x, tb.prepare("int8_dynamic", weight), bias, config)
+    check(y, "int8_dynamic", x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces: activation quantization, the int4 layout
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_per_token_is_exact(dtype):
+    x = torch.randn(6, 150, generator=torch.Generator().manual_seed(3)) * 4
+    x[2] = 0.0
+    x[3, :7] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5])  # scale 1: exact ties
+    x[3, 7:] = 0.0
+    x = x.to(dtype)
+    q, scale = quantize_per_token(x.to(DEVICE))
+    expected_q, expected_scale = P.quantize_per_token_int8(x)
+    assert torch.equal(q.cpu(), expected_q)
+    assert torch.equal(scale.cpu(), expected_scale.reshape(-1))
+    assert q[3, :7].tolist() == [127, 2, 4, -2, 0, 0, 2]
+
+
+def test_int4_prepared_layout():
+    weight = int4_weight(24, 96, 32)
+    prepared = tb.prepare("int4", weight)
+    words = prepared.qweight.cpu().to(torch.int64) & 0xFFFFFFFF
+    assert prepared.qweight.dtype == torch.int32 and tuple(words.shape) == (96 // 8, 24)
+    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1)  # [K/8, 8, N]
+    unpacked = nibbles.reshape(96, 24).t()
+    assert torch.equal(unpacked.to(torch.uint8), P.unpack_int4(weight.qweight.cpu()))
+    assert torch.equal(prepared.scale.cpu(), weight.scale.cpu().t())
+    assert torch.equal(prepared.zero_point.cpu(), weight.zero_point.cpu().t())
+
+
+# --------------------------------------------------------------------------------------------
+# Through the modules and the dispatch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("format_name", ["int8_dynamic", "int8_weight_only", "int4_g32",
+                                         "int4_g64", "int4_g128"])
+def test_module_forward_uses_triton_and_matches_reference(monkeypatch, format_name, dtype):
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(48, 256, generator=g) * 0.05
+    weight[5] = 0.0
+    bias = torch.randn(48, generator=g)
+    module = quantize_layer(weight.to(DEVICE), bias.to(DEVICE), format_name)
+    x = torch.randn(2, 9, 256, generator=g).to(dtype).to(DEVICE)
+    x[1, 4] = 0.0
+
+    monkeypatch.setenv("AUTOQ_BACKEND", "triton")
+    family = module.family
+    assert select_backend(family, module.quantized_weight(), x.reshape(-1, 256)) == "triton"
+    with torch.no_grad():
+        y = module(x)
+    monkeypatch.setenv("AUTOQ_BACKEND", "reference")
+    with torch.no_grad():
+        expected = module(x)
+    assert y.shape == (2, 9, 48) and y.dtype == dtype
+    tol = TOLERANCE[dtype]
+    scale = float(expected.float().abs().max())
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol * scale)
+
+
+def test_cpu_tensor_without_interpreter_falls_back(monkeypatch):
+    weight = int8_weight(40, 96)
+    x = torch.randn(3, 96)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("AUTOQ_BACKEND", "triton")
+    assert "TRITON_INTERPRET" in tb.supports("int8_weight_only", weight, x)
+    assert select_backend("int8_weight_only", weight, x) == "reference"
+
+
+def test_supports_rejects_unsupported_inputs():
+    weight = int4_weight(40, 96, 32)
+    x = torch.randn(3, 96).to(DEVICE)
+    assert tb.supports("int4", weight, x) is None
+    assert "float64" in tb.supports("int4", weight, x.double())
+    odd_group = QuantizedWeight(weight.qweight, weight.scale, weight.zero_point, 40, 96, 48)
+    assert "group size" in tb.supports("int4", odd_group, x)
+    assert tb.supports("fp8", weight, x) is not None
+
+
+def test_empty_batch():
+    weight = int8_weight(40, 96)
+    y = tb.linear("int8_weight_only", torch.empty(0, 96, device=DEVICE),
+                  tb.prepare("int8_weight_only", weight), None)
+    assert y.shape == (0, 40)
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning: candidates and the on-disk cache (no GPU needed: timings are supplied)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, group", [("int8_dynamic", None), ("int8_weight_only", None),
+                                           ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 2048])
+def test_candidates_are_valid(family, group, m):
+    configs = tuning.candidates(family, m, 4096, group)
+    assert configs and len(set(configs)) == len(configs)
+    for config in configs:
+        assert config.kernel in tuning.KERNELS
+        assert config.kernel != "gemv" or (m <= 4 and family != "int8_dynamic")
+        assert config.kernel != "dequant" or (m >= 64 and family != "int8_dynamic")
+        if config.kernel == "mm":
+            assert config.block_m >= 16 and config.block_k >= 32
+            assert group is None or group % config.block_k == 0
+
+
+def test_m_buckets():
+    assert [tuning.m_bucket(m) for m in (1, 2, 4, 5, 16, 17, 300, 5000)] == [
+        1, 4, 4, 16, 16, 64, 1024, 4096]
+
+
+def test_tuner_picks_fastest_and_persists(tmp_path, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setenv("AUTOQ_CACHE_DIR", str(tmp_path))
+    slow, fast, too_big = GEMV, CONFIGS["mm-split3"], CONFIGS["mm-swizzle"]
+    timings = {slow: 2.0, fast: 1.0}
+
+    def time_ms(config):
+        if config == too_big:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return timings[config]
+
+    key = tuning.tuning_key("int4", torch.bfloat16, 1, 4096, 14336, 128)
+    assert key == "int4|bfloat16|m1|n4096|k14336|g128"
+    assert tuning.Tuner("NVIDIA Fake GPU 80GB").tune(key, [slow, too_big, fast], time_ms) == fast
+
+    path = tuning.cache_path("NVIDIA Fake GPU 80GB")
+    assert path == tmp_path / "kernels" / "NVIDIA_Fake_GPU_80GB.json"
+    assert path.exists()
+    fresh = tuning.Tuner("NVIDIA Fake GPU 80GB")  # a new process reads the file
+    assert fresh.get(key) == fast
+    assert tuning.Tuner("Another GPU").get(key) is None
+
+
+def test_cache_from_another_triton_version_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOQ_CACHE_DIR", str(tmp_path))
+    tuning.save_entry("Fake GPU", "k", GEMV.to_dict())
+    assert tuning.load_cache("Fake GPU") == {"k": GEMV.to_dict()}
+    path = tuning.cache_path("Fake GPU")
+    path.write_text(path.read_text().replace(tuning._triton_version(), "0.0.0"))
+    assert tuning.load_cache("Fake GPU") == {}
