@@ -3,23 +3,33 @@
 Every writer produces a directory with safetensors weights (nothing is ever pickled) and enough
 metadata to rebuild the model without materialising float weights; ``load_quantized`` detects
 which writer produced a directory.
+
+Formats: ``"compressed-tensors"`` (what vLLM serves and transformers loads; the default for
+Hugging Face models whose quantized layers are all ``nn.Linear``) and ``"autoq"`` (our own
+layout; every model).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
-from autoq.checkpoint import native
+from autoq.checkpoint import compressed_tensors, native
 
 Writer = Callable[..., Path]
 Reader = Callable[..., nn.Module]
 
-WRITERS: dict[str, Writer] = {"autoq": native.save}
+WRITERS: dict[str, Writer] = {"autoq": native.save, "compressed-tensors": compressed_tensors.save}
 # (detector, reader) pairs, tried in order; the first whose detector accepts the directory loads it.
-READERS: list[tuple[Callable[[Path], bool], Reader]] = [(native.is_native, native.load)]
+# autoq.json first: a model loaded from a compressed-tensors checkpoint keeps its
+# quantization_config in config.json when re-saved in autoq's format.
+READERS: list[tuple[Callable[[Path], bool], Reader]] = [
+    (native.is_native, native.load),
+    (compressed_tensors.is_compressed_tensors, compressed_tensors.load),
+]
 
 
 def register_writer(name: str, writer: Writer) -> None:
@@ -31,21 +41,31 @@ def register_reader(detector: Callable[[Path], bool], reader: Reader, first: boo
 
 
 def default_format(model: nn.Module) -> str:
-    return "autoq"
+    """``"compressed-tensors"`` when it can express ``model``, else ``"autoq"``."""
+    return "compressed-tensors" if compressed_tensors.unsupported_reason(model) is None else "autoq"
 
 
 def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, *, format: str | None = None,
-                   plan=None) -> Path:
+                   plan=None, **options) -> Path:
     """Write ``model`` (quantized with ``autoq.apply``) to the directory ``path``.
 
-    ``format``: ``"autoq"`` (our own layout; every model) or another registered writer; by default
-    the best format the model can be expressed in. ``plan`` (a Plan), when given, is written as
-    ``plan.json`` beside the weights; ``tokenizer`` files are saved too.
+    ``format``: ``"compressed-tensors"``, ``"autoq"`` (our own layout; every model) or another
+    registered writer; by default compressed-tensors when it can express the model (a Hugging
+    Face model whose quantized layers are all ``nn.Linear``), else autoq's format, with a warning
+    for Hugging Face models saying why. ``plan`` (a Plan), when given, is written as
+    ``plan.json`` beside the weights; ``tokenizer`` files are saved too. ``options`` go to the
+    writer, e.g. ``max_shard_size`` (bytes) for compressed-tensors.
     """
-    name = format or default_format(model)
+    name = format
+    if name is None:
+        reason = compressed_tensors.unsupported_reason(model)
+        name = "compressed-tensors" if reason is None else "autoq"
+        if reason is not None and hasattr(getattr(model, "config", None), "save_pretrained"):
+            warnings.warn(f"saving in autoq's own format: compressed-tensors cannot express this "
+                          f"model: {reason}", stacklevel=2)
     if name not in WRITERS:
         raise ValueError(f"unknown checkpoint format {name!r}; choose one of {', '.join(WRITERS)}")
-    return WRITERS[name](model, Path(path), tokenizer=tokenizer, plan=plan)
+    return WRITERS[name](model, Path(path), tokenizer=tokenizer, plan=plan, **options)
 
 
 def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None,
@@ -64,5 +84,5 @@ def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module] 
             return reader(path, model=model, device=device)
     raise ValueError(
         f"{path} holds no checkpoint autoq can read: expected autoq.json (autoq format) or a "
-        "config.json with a supported quantization_config"
+        "config.json with a compressed-tensors quantization_config"
     )

@@ -1,0 +1,559 @@
+"""compressed-tensors checkpoints: what vLLM serves and transformers loads.
+
+A directory holds ``config.json`` with a ``quantization_config`` (``quant_method:
+"compressed-tensors"``), ``model.safetensors`` (or shards ``model-0000i-of-0000n.safetensors``
+with ``model.safetensors.index.json``), tokenizer files and autoq's ``plan.json`` when given.
+A per-layer plan becomes one config group per format, each targeting its layers by exact module
+name; quantizable layers left in float are listed in ``ignore``. With more than one
+compression format the top-level ``format`` is ``"mixed-precision"`` and each group carries its
+own.
+
+| autoq format     | compressed-tensors scheme                             | format         | tensors per layer                                        |
+|------------------|-------------------------------------------------------|----------------|----------------------------------------------------------|
+| int8_dynamic     | W8A8: int8 symmetric channel weights, int8 symmetric  | int-quantized  | ``weight`` int8 [N, K], ``weight_scale`` [N, 1]          |
+|                  | dynamic per-token input activations                   |                |                                                          |
+| int8_weight_only | W8A16: int8 symmetric channel weights                 | pack-quantized | ``weight_packed`` int32 [N, K/4], ``weight_scale``       |
+|                  |                                                       |                | [N, 1], ``weight_shape``                                 |
+| int4_g{G}        | W4A16_ASYM: int4 asymmetric, strategy group, size G   | pack-quantized | ``weight_packed`` int32 [N, K/8], ``weight_scale``       |
+|                  |                                                       |                | [N, K/G], ``weight_zero_point`` int32 [N/8, K/G],        |
+|                  |                                                       |                | ``weight_shape``                                         |
+
+Layouts, as compressed-tensors' ``pack_to_int32`` writes them: a value is stored offset by
+``2**(bits-1)`` (int4 ``q`` in [-8, 7] is stored as ``q + 8``, which is autoq's unsigned value;
+int8 as ``q + 128``), and value ``j`` of a group of ``32 // bits`` sits at bits ``[bits*j,
+bits*(j+1))`` of its int32 word. Zero points are packed the same way along the output dimension
+(``packed_dim=0``). W8A16 uses pack-quantized because that is the format compressed-tensors
+infers for weight-only int8 and the one vLLM's WNA16 kernels accept.
+
+Scales are written in the model's dtype (what compressed-tensors itself writes) when that dtype
+holds them exactly: always for fp32 models, and int4 (fp16) scales of fp16 models. Otherwise they
+keep autoq's dtype (fp32 for int8, fp16 for int4) and loaders cast them, so nothing is lost.
+Reading converts back: int8 scales to fp32 (exact from any float dtype), int4 scales to fp16,
+which rounds scales that a foreign checkpoint stored in fp32 or bf16.
+
+Activation rounding of W8A8: autoq, like vLLM's int8 kernels, quantizes each token
+symmetrically to [-127, 127] with ``scale = absmax / 127``. compressed-tensors' own (fake-quant)
+forward, which transformers runs, uses [-128, 127] with ``scale = absmax / 127.5``. The same
+checkpoint therefore gives slightly different W8A8 outputs in transformers (relative error around
+1e-2 on a whole model); weight-only layers dequantize to identical weights.
+
+compressed-tensors quantizes ``nn.Linear`` layers only: models whose quantized layers come from
+anything else (GPT-2's ``Conv1D``) and models that are not Hugging Face models are saved in
+autoq's own format instead, with a warning that says why. vLLM fuses some sibling layers
+(q/k/v, gate/up) and needs one scheme for all of them; the writer warns when a plan splits them.
+
+Loading (:func:`load`) reads these checkpoints, and ones compressed-tensors writes for the
+schemes above (int4 symmetric groups too), into autoq's modules without making float weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from autoq import formats
+from autoq import primitives as P
+from autoq.checkpoint import native
+from autoq.modules import QuantizedLinear
+from autoq.swap import is_quantizable
+
+QUANT_METHOD = "compressed-tensors"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, like transformers' "5GB"
+
+# vLLM fuses these siblings into one layer, which must have one scheme.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+# --------------------------------------------------------------------------- schemes
+
+def _int_args(num_bits: int, symmetric: bool, strategy: str, group_size: int | None = None,
+              dynamic: bool = False) -> dict:
+    return {"num_bits": num_bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+            "group_size": group_size, "dynamic": dynamic}
+
+
+def scheme_for(format_name: str) -> dict:
+    """The compressed-tensors scheme (without targets) for an autoq format."""
+    fmt = formats.get(format_name)
+    if fmt.family == "int8_dynamic":
+        return {"weights": _int_args(8, True, "channel"),
+                "input_activations": _int_args(8, True, "token", dynamic=True),
+                "output_activations": None, "format": "int-quantized"}
+    if fmt.family == "int8_weight_only":
+        return {"weights": _int_args(8, True, "channel"), "input_activations": None,
+                "output_activations": None, "format": "pack-quantized"}
+    if fmt.family == "int4":
+        return {"weights": _int_args(4, False, "group", fmt.group_size), "input_activations": None,
+                "output_activations": None, "format": "pack-quantized"}
+    raise ValueError(f"format {format_name!r} has no compressed-tensors scheme")
+
+
+def _args_with_defaults(args: dict | None) -> dict | None:
+    """QuantizationArgs as a dict with compressed-tensors' defaults and inferred strategy."""
+    if args is None:
+        return None
+    full = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": None,
+            "dynamic": False, "actorder": None, **args}
+    if full["strategy"] is None:
+        group_size = full["group_size"]
+        full["strategy"] = "tensor" if group_size is None else "channel" if group_size == -1 else "group"
+    return full
+
+
+def describe_scheme(group: str, scheme: dict) -> str:
+    def one(args: dict | None) -> str:
+        args = _args_with_defaults(args)
+        if args is None:
+            return "none"
+        text = (f"{args['type']}{args['num_bits']} {'symmetric' if args['symmetric'] else 'asymmetric'} "
+                f"{args['strategy']}")
+        if args["strategy"] == "group":
+            text += f" size {args['group_size']}"
+        if args["dynamic"]:
+            text += " dynamic"
+        return text
+
+    return (f"config group {group!r} (weights: {one(scheme.get('weights'))}; input activations: "
+            f"{one(scheme.get('input_activations'))}; output activations: "
+            f"{one(scheme.get('output_activations'))})")
+
+
+def format_for_scheme(group: str, scheme: dict) -> str:
+    """The autoq format that runs a compressed-tensors scheme; ValueError naming it otherwise."""
+    weights = _args_with_defaults(scheme.get("weights"))
+    acts = _args_with_defaults(scheme.get("input_activations"))
+    found = None
+    plain_int_weights = (weights is not None and weights["type"] == "int" and not weights["dynamic"]
+                         and weights["actorder"] in (None, "weight", "static")
+                         and scheme.get("output_activations") is None)
+    if plain_int_weights and weights["num_bits"] == 8 and weights["symmetric"] \
+            and weights["strategy"] in ("channel", "tensor"):
+        if acts is None:
+            found = "int8_weight_only"
+        elif (acts["type"] == "int" and acts["num_bits"] == 8 and acts["symmetric"]
+              and acts["strategy"] == "token" and acts["dynamic"] is True):
+            found = "int8_dynamic"
+    elif plain_int_weights and weights["num_bits"] == 4 and weights["strategy"] == "group" and acts is None:
+        found = next((f.name for f in formats.all_formats()
+                      if f.family == "int4" and f.group_size == weights["group_size"]), None)
+    if found is None:
+        int4_sizes = sorted(f.group_size for f in formats.all_formats() if f.family == "int4")
+        raise ValueError(
+            f"{describe_scheme(group, scheme)} has no autoq format. autoq reads: int8 symmetric "
+            f"channel weights (optionally with int8 symmetric dynamic per-token activations) and "
+            f"int4 group weights with group size {', '.join(map(str, int4_sizes))}"
+        )
+    return found
+
+
+# --------------------------------------------------------------------------- packing
+
+def pack_int32(values: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Pack unsigned ``num_bits`` values ``[R, C]`` into int32 words ``[R, ceil(C * bits / 32)]``.
+
+    Value ``j`` of each run of ``32 // num_bits`` sits at bits ``num_bits * j`` of its word
+    (compressed-tensors' order); the last word is padded with zeros.
+    """
+    per_word = 32 // num_bits
+    rows, cols = values.shape
+    padded = F.pad(values.to(torch.uint8), (0, (-cols) % per_word)).reshape(rows, -1, per_word)
+    words = torch.zeros(padded.shape[:2], dtype=torch.int64, device=values.device)
+    for j in range(per_word):
+        words |= padded[..., j].to(torch.int64) << (num_bits * j)
+    # Reinterpret the unsigned 32-bit pattern as int32.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: int32 ``[R, W]`` -> unsigned values, uint8 ``[R, cols]``."""
+    mask = (1 << num_bits) - 1
+    parts = [((words >> (num_bits * j)) & mask).to(torch.uint8) for j in range(32 // num_bits)]
+    return torch.stack(parts, dim=-1).reshape(words.shape[0], -1)[:, :cols]
+
+
+# --------------------------------------------------------------------------- writing
+
+def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    if wide == narrow:
+        return True
+    return wide in (torch.float32, torch.float64) and narrow in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _scale_out(scale: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    return scale.to(model_dtype) if _holds_exactly(model_dtype, scale.dtype) else scale.clone()
+
+
+def export_layer(module: QuantizedLinear, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One quantized layer's tensors in compressed-tensors' layout (names relative to the layer)."""
+    n, k = module.out_features, module.in_features
+    family = module.format.family
+    out: dict[str, torch.Tensor] = {}
+    if family == "int8_dynamic":
+        out["weight"] = module.qweight.clone()
+    elif family == "int8_weight_only":
+        unsigned = (module.qweight.to(torch.int16) + 128).to(torch.uint8)
+        out["weight_packed"] = pack_int32(unsigned, 8)
+    else:  # int4: autoq's unsigned value is compressed-tensors' stored value (q + 8)
+        out["weight_packed"] = pack_int32(P.unpack_int4(module.qweight), 4)
+        out["weight_zero_point"] = pack_int32(module.zero_point.t(), 4).t().contiguous()
+    if family == "int4":
+        out["weight_scale"] = _scale_out(module.scale, model_dtype)
+    else:
+        out["weight_scale"] = _scale_out(module.scale.reshape(n, 1), model_dtype)
+    if "weight_packed" in out:
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().clone()
+    return out
+
+
+def _quantized_names(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Every name of every quantized layer (a shared module appears under each of its names)."""
+    return {name: m for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, QuantizedLinear)}
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """``None`` when compressed-tensors can express ``model``, else why it cannot."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return "it is not a Hugging Face model (it has no config with save_pretrained)"
+    layers = _quantized_names(model)
+    if not layers:
+        return "it has no quantized layers"
+    # Quantized layers no longer show what they replaced: rebuild the architecture on the meta
+    # device (no memory) and check each quantized name is an nn.Linear there.
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(copy.deepcopy(config))
+    except Exception as err:  # noqa: BLE001 - any failure means we cannot check
+        return f"{type(model).__name__} could not be rebuilt from its config to check its layers ({err})"
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    for name in layers:
+        try:
+            original = skeleton.get_submodule(name)
+        except AttributeError:
+            return f"layer {name!r} does not exist in a fresh {type(model).__name__}"
+        if not isinstance(original, nn.Linear):
+            return (f"layer {name!r} was a {type(original).__name__}, not an nn.Linear, and "
+                    "compressed-tensors only quantizes nn.Linear layers")
+        if original is head and getattr(config, "tie_word_embeddings", False):
+            return (f"its output layer {name!r} is quantized while tie_word_embeddings ties it to "
+                    "the input embedding, and loaders would tie it back")
+    return None
+
+
+def _layer_format_map(model: nn.Module) -> dict[str, str]:
+    """``{name: format}`` over every quantizable or quantized layer name ("none" for float)."""
+    result = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedLinear):
+            result[name] = module.format_name
+        elif is_quantizable(module):
+            result[name] = "none"
+    return result
+
+
+def _warn_split_fused_layers(layer_formats: dict[str, str]) -> None:
+    for name in layer_formats:
+        parent, _, leaf = name.rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if leaf != siblings[0]:
+                continue
+            names = [f"{parent}.{s}" if parent else s for s in siblings]
+            found = {n: layer_formats[n] for n in names if n in layer_formats}
+            if len(set(found.values())) > 1:
+                warnings.warn(
+                    f"{', '.join(f'{n}={f}' for n, f in found.items())}: vLLM fuses these layers "
+                    "into one and needs one scheme for all of them, so it may refuse this "
+                    "checkpoint; transformers loads it", stacklevel=4)
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` entry of ``config.json`` for a quantized model."""
+    layer_formats = _layer_format_map(model)
+    groups: dict[str, dict] = {}
+    for name, format_name in layer_formats.items():
+        if format_name == "none":
+            continue
+        if format_name not in groups:
+            groups[format_name] = {"targets": [], **scheme_for(format_name)}
+        groups[format_name]["targets"].append(name)
+    compression_formats = {g["format"] for g in groups.values()}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": compression_formats.pop() if len(compression_formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": [name for name, f in layer_formats.items() if f == "none"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+    }
+
+
+def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with every quantized layer in compressed-tensors' layout."""
+    layers = _quantized_names(model)
+    model_dtype = _model_dtype(model)
+    float_part = {key: t for key, t in model.state_dict().items()
+                  if key.rpartition(".")[0] not in layers}
+    unique, aliases = native.dedupe_shared(float_part)
+    # Tied weights transformers re-ties on load are left out, as save_pretrained does.
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    for alias, canonical in aliases.items():
+        if alias not in tied:
+            unique[alias] = unique[canonical].clone()
+    tensors = dict(unique)
+    for name, module in layers.items():
+        for key, t in export_layer(module, model_dtype).items():
+            tensors[f"{name}.{key}"] = t
+    return tensors
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_size: int) -> list[Path]:
+    """``model.safetensors``, or shards plus an index when larger than ``max_shard_size`` bytes."""
+    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], path / WEIGHTS_FILE, metadata={"format": "pt"})
+        return [path / WEIGHTS_FILE]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        file = path / SHARD_PATTERN.format(index=i, total=len(shards))
+        save_file(shard, file, metadata={"format": "pt"})
+        files.append(file)
+        weight_map.update(dict.fromkeys(shard, file.name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return files
+
+
+def save(model: nn.Module, path: Path, tokenizer=None, plan=None,
+         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write ``model`` as a compressed-tensors checkpoint (autoq's format when it cannot be)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        warnings.warn(f"compressed-tensors cannot express this model: {reason}; saving it in "
+                      "autoq's own format instead", stacklevel=3)
+        return native.save(model, path, tokenizer=tokenizer, plan=plan)
+    _warn_split_fused_layers(_layer_format_map(model))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / native.METADATA_FILE).unlink(missing_ok=True)  # a stale autoq.json would win on load
+    native.write_side_files(model, path, tokenizer, plan)
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(_model_dtype(model)).removeprefix("torch.")
+    config["quantization_config"] = quantization_config(model)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_safetensors(export_state_dict(model), path, max_shard_size)
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+def is_compressed_tensors(path: Path) -> bool:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    qconfig = config.get("quantization_config")
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD
+
+
+def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        tensors: dict[str, torch.Tensor] = {}
+        for file in sorted(set(weight_map.values())):
+            tensors.update(load_file(path / file, device=device))
+        return tensors
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    return load_file(path / WEIGHTS_FILE, device=device)
+
+
+def _target_matches(name: str, module: nn.Module, target: str) -> str | None:
+    """How ``target`` matches a module, as compressed-tensors matches it: by exact name, by
+    ``re:`` regex (``re.match``, anchored at the start only) or by class name."""
+    if target == name:
+        return "name"
+    if target.startswith("re:") and re.match(target[3:], name):
+        return "regex"
+    if any(cls.__name__ == target for cls in type(module).__mro__):
+        return "class"
+    return None
+
+
+def _scheme_of(name: str, module: nn.Module, groups: dict[str, dict], ignore: list[str]) -> str | None:
+    """The config group that quantizes this module, chosen as compressed-tensors chooses: exact
+    names beat regexes beat class names, ties go to the smallest target string, and a target
+    listed in several groups belongs to the last."""
+    if any(_target_matches(name, module, t) for t in ignore):
+        return None
+    target_group = {target: group for group, scheme in groups.items() for target in scheme.get("targets", [])}
+    rank = {"name": 0, "regex": 1, "class": 2}
+    matches = [(rank[kind], target) for target in target_group
+               if (kind := _target_matches(name, module, target))]
+    return target_group[min(matches)[1]] if matches else None
+
+
+def _check_supported(qconfig: dict) -> None:
+    if qconfig.get("kv_cache_scheme"):
+        raise ValueError("this compressed-tensors checkpoint quantizes the KV cache, which autoq cannot run")
+    if qconfig.get("transform_config"):
+        raise ValueError("this compressed-tensors checkpoint uses transforms (rotations), which autoq cannot run")
+    sparsity = qconfig.get("sparsity_config") or {}
+    if sparsity.get("format") not in (None, "dense"):
+        raise ValueError(f"this compressed-tensors checkpoint is sparse ({sparsity.get('format')}), which autoq cannot run")
+
+
+def import_layer(name: str, format_name: str, scheme: dict, out_features: int, in_features: int,
+                 tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop one layer's compressed-tensors tensors and return them in autoq's layout."""
+    fmt = formats.get(format_name)
+    weights = _args_with_defaults(scheme["weights"])
+    n, k = out_features, in_features
+    if f"{name}.weight_g_idx" in tensors:
+        raise ValueError(f"layer {name!r} has an activation-order index (weight_g_idx), which autoq cannot run")
+    shape = tensors.pop(f"{name}.weight_shape", None)
+    if shape is not None and [int(v) for v in shape] != [n, k]:
+        raise ValueError(f"layer {name!r}: weight_shape {shape.tolist()} does not match the model's {[n, k]}")
+    packed = tensors.pop(f"{name}.weight_packed", None)
+    plain = tensors.pop(f"{name}.weight", None)
+    if packed is not None:
+        unsigned = unpack_int32(packed, weights["num_bits"], k)
+    elif plain is not None and plain.dtype == torch.int8:
+        unsigned = (plain.to(torch.int16) + (1 << (weights["num_bits"] - 1))).to(torch.uint8)
+    else:
+        stored = "missing" if plain is None else f"stored as {plain.dtype}"
+        raise ValueError(f"layer {name!r}: its quantized weight is {stored}; expected weight_packed (int32) or weight (int8)")
+    if tuple(unsigned.shape) != (n, k):
+        raise ValueError(f"layer {name!r}: weight has shape {tuple(unsigned.shape)}, the model expects {(n, k)}")
+    scale = tensors.pop(f"{name}.weight_scale")
+    zero_point = tensors.pop(f"{name}.weight_zero_point", None)
+    out = {}
+    if fmt.family == "int4":
+        groups = k // fmt.group_size
+        out["qweight"] = P.pack_int4(unsigned)
+        out["scale"] = scale.reshape(n, groups).to(torch.float16)
+        if weights["symmetric"]:
+            out["zero_point"] = torch.full((n, groups), 8, dtype=torch.uint8)
+        elif zero_point.dtype == torch.int32:  # packed along the output dimension
+            out["zero_point"] = unpack_int32(zero_point.t().contiguous(), 4, n).t().contiguous()
+        else:  # older writers stored signed int8 zero points unpacked
+            out["zero_point"] = (zero_point.reshape(n, groups).to(torch.int16) + 8).to(torch.uint8)
+    else:
+        out["qweight"] = (unsigned.to(torch.int16) - 128).to(torch.int8)
+        out["scale"] = scale.float().reshape(-1).expand(n).contiguous()  # "tensor": one scale for all
+    return out
+
+
+def _restore_non_persistent_buffers(model: nn.Module, device: str) -> None:
+    """Recompute buffers a checkpoint does not hold (rotary ``inv_freq``, BERT ``position_ids``)
+    with the model's own ``_init_weights``, as transformers does after loading."""
+    persistent = set(model.state_dict())
+    missing = []
+    for name, buf in list(model.named_buffers()):
+        if name in persistent or buf is None or buf.device.type != "meta":
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        # Fill with a sentinel so a buffer that _init_weights does not set is caught below.
+        sentinel = float("nan") if buf.is_floating_point() else torch.iinfo(buf.dtype).min
+        owner._buffers[attr] = torch.full(buf.shape, sentinel, dtype=buf.dtype, device=device)
+        missing.append((name, owner, attr))
+    init = getattr(model, "_init_weights", None)
+    for owner in {id(o): o for _, o, _ in missing}.values():
+        if init is not None:
+            init(owner)
+    for name, owner, attr in missing:
+        value = owner._buffers[attr]
+        unset = value.isnan().any() if value.is_floating_point() else (value == torch.iinfo(value.dtype).min).any()
+        if unset:
+            raise ValueError(f"cannot recompute buffer {name!r}: it is not in the checkpoint and the "
+                             "model's _init_weights does not set it; save in autoq's format instead")
+
+
+def load(path: Path, model=None, device: str = "cpu") -> nn.Module:
+    """Load a compressed-tensors checkpoint into autoq's quantized modules (no float weights)."""
+    config = json.loads((path / "config.json").read_text())
+    qconfig = config["quantization_config"]
+    _check_supported(qconfig)
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture is None and model is None:
+        raise ValueError(f"{path}/config.json names no architecture; pass model= (a skeleton)")
+    skeleton = native.build_skeleton(path, architecture, model)
+    groups = {g: s for g, s in (qconfig.get("config_groups") or {}).items()}
+    for group, scheme in groups.items():
+        if isinstance(scheme, list):  # a preset name mapped to targets, e.g. {"W8A8": ["Linear"]}
+            raise ValueError(f"config group {group!r} uses a preset by name; autoq needs the scheme spelled out")
+    tensors = read_safetensors(path, device)
+
+    layers: dict[str, dict] = {}
+    converted: dict[str, torch.Tensor] = {}
+    for name, module in skeleton.named_modules():
+        if not isinstance(module, nn.Linear | nn.Embedding):
+            continue
+        group = _scheme_of(name, module, groups, qconfig.get("ignore") or [])
+        if group is None or groups[group].get("weights") is None:
+            if group is not None and groups[group].get("input_activations") is not None:
+                raise ValueError(f"{describe_scheme(group, groups[group])} quantizes activations only; autoq cannot run it")
+            continue
+        if isinstance(module, nn.Embedding):
+            raise ValueError(f"{describe_scheme(group, groups[group])} quantizes embedding {name!r}; autoq quantizes Linear layers only")
+        format_name = format_for_scheme(group, groups[group])
+        for key, t in import_layer(name, format_name, groups[group], module.out_features,
+                                   module.in_features, tensors).items():
+            converted[f"{name}.{key}"] = t
+        bias = tensors.get(f"{name}.bias")
+        layers[name] = {"format": format_name, "in_features": module.in_features,
+                        "out_features": module.out_features, "bias": module.bias is not None,
+                        "bias_dtype": str(bias.dtype).removeprefix("torch.") if bias is not None else None}
+    tensors.update(converted)
+
+    native.install_quantized_modules(skeleton, layers)
+    _restore_non_persistent_buffers(skeleton, device)
+    result = skeleton.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"{path} holds tensors this model does not have: {result.unexpected_keys[:8]}")
+    skeleton_config = getattr(skeleton, "config", None)
+    if result.missing_keys and getattr(skeleton_config, "tie_word_embeddings", False) \
+            and hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()
+    leftover = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]
+                if t.device.type == "meta"]
+    if leftover:
+        raise ValueError(f"{path} is missing tensors for {leftover[:8]}; it may be from another model version")
+    return skeleton.eval()
