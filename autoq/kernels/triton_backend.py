@@ -97,7 +97,7 @@ def choose_config(family: str, x: torch.Tensor, prepared: Int8Weight | Int4Weigh
     if config is None:
         def time_ms(candidate: KernelConfig) -> float:
             return triton.testing.do_bench(lambda: run(family, x, prepared, bias, candidate),
-                                           warmup=5, rep=20)
+                                           warmup=5, rep=20, return_mode="median")
 
         config = tuner.tune(key, tuning.candidates(family, m, k, group), time_ms)
     return config
