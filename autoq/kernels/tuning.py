@@ -9,7 +9,7 @@ and its block sizes. The best one is chosen per key
 Choices are persisted per GPU model as JSON in ``$AUTOQ_CACHE_DIR/kernels/<gpu>.json`` (default
 cache dir: ``platformdirs.user_cache_dir("autoq")``)::
 
-    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.4.0",
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.9.0",
      "entries": {"int4|bfloat16|m1|n4096|k14336|g128":
                  {"kernel": "gemv", "block_m": 1, "block_n": 128, "block_k": 256, "split_k": 4,
                   "group_m": 1, "num_warps": 4, "num_stages": 2, "ms": 0.0123}}}
@@ -143,6 +143,9 @@ def candidates(family: str, m: int, k: int, group_size: int | None) -> list[Kern
         ]:
             if bk <= bk_limit:
                 out.append(_mm(bm, bn, bk, num_warps=warps, num_stages=stages))
+        if family == "int8_dynamic":  # one byte per operand element: deeper K tiles fit
+            out += [_mm(128, 256, 128, num_warps=8, num_stages=3),
+                    _mm(256, 128, 128, num_warps=8, num_stages=3)]
         if bucket <= 256:
             out.append(_mm(64, 128, min(64, bk_limit), split_k=2))
     if weight_only and bucket >= 64:
