@@ -11,7 +11,6 @@ layout; every model).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,15 +53,15 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, *, format
     Face model whose quantized layers are all ``nn.Linear``), else autoq's format, with a warning
     for Hugging Face models saying why. ``plan`` (a Plan), when given, is written as
     ``plan.json`` beside the weights; ``tokenizer`` files are saved too. ``options`` go to the
-    writer, e.g. ``max_shard_size`` (bytes) for compressed-tensors.
+    writer, e.g. ``max_shard_size`` (bytes) for compressed-tensors (autoq's format is one file).
     """
-    name = format
-    if name is None:
-        reason = compressed_tensors.unsupported_reason(model)
-        name = "compressed-tensors" if reason is None else "autoq"
-        if reason is not None and hasattr(getattr(model, "config", None), "save_pretrained"):
-            warnings.warn(f"saving in autoq's own format: compressed-tensors cannot express this "
-                          f"model: {reason}", stacklevel=2)
+    if format is None:
+        # The compressed-tensors writer falls back to autoq's format, with a warning saying why,
+        # for Hugging Face models it cannot express.
+        is_hf = hasattr(getattr(model, "config", None), "save_pretrained")
+        name = "compressed-tensors" if is_hf else "autoq"
+    else:
+        name = format
     if name not in WRITERS:
         raise ValueError(f"unknown checkpoint format {name!r}; choose one of {', '.join(WRITERS)}")
     return WRITERS[name](model, Path(path), tokenizer=tokenizer, plan=plan, **options)

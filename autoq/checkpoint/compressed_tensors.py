@@ -207,7 +207,7 @@ def export_layer(module: QuantizedLinear, model_dtype: torch.dtype) -> dict[str,
     family = module.format.family
     out: dict[str, torch.Tensor] = {}
     if family == "int8_dynamic":
-        out["weight"] = module.qweight.clone()
+        out["weight"] = module.qweight.clone()  # layers that share a weight share its qweight
     elif family == "int8_weight_only":
         unsigned = (module.qweight.to(torch.int16) + 128).to(torch.uint8)
         out["weight_packed"] = pack_int32(unsigned, 8)
@@ -359,7 +359,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_si
 
 def save(model: nn.Module, path: Path, tokenizer=None, plan=None,
          max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write ``model`` as a compressed-tensors checkpoint (autoq's format when it cannot be)."""
+    """Write ``model`` as a compressed-tensors checkpoint; when that cannot express it, warn and
+    write autoq's own format (one file, ``max_shard_size`` does not apply)."""
     reason = unsupported_reason(model)
     if reason is not None:
         warnings.warn(f"compressed-tensors cannot express this model: {reason}; saving it in "
@@ -469,7 +470,9 @@ def import_layer(name: str, format_name: str, scheme: dict, out_features: int, i
         out["qweight"] = P.pack_int4(unsigned)
         out["scale"] = scale.reshape(n, groups).to(torch.float16)
         if weights["symmetric"]:
-            out["zero_point"] = torch.full((n, groups), 8, dtype=torch.uint8)
+            out["zero_point"] = torch.full((n, groups), 8, dtype=torch.uint8, device=scale.device)
+        elif zero_point is None:
+            raise ValueError(f"layer {name!r} is asymmetric but has no weight_zero_point")
         elif zero_point.dtype == torch.int32:  # packed along the output dimension
             out["zero_point"] = unpack_int32(zero_point.t().contiguous(), 4, n).t().contiguous()
         else:  # older writers stored signed int8 zero points unpacked
@@ -480,9 +483,10 @@ def import_layer(name: str, format_name: str, scheme: dict, out_features: int, i
     return out
 
 
-def _restore_non_persistent_buffers(model: nn.Module, device: str) -> None:
-    """Recompute buffers a checkpoint does not hold (rotary ``inv_freq``, BERT ``position_ids``)
-    with the model's own ``_init_weights``, as transformers does after loading."""
+def _restore_non_persistent_buffers(model: nn.Module, tensors: dict[str, torch.Tensor], device: str) -> None:
+    """Fill buffers that are not in the state dict: from the checkpoint when it has them (older
+    checkpoints stored BERT's ``position_ids``), else recomputed by the model's own
+    ``_init_weights`` (rotary ``inv_freq``, ``position_ids``), as transformers does after loading."""
     persistent = set(model.state_dict())
     missing = []
     for name, buf in list(model.named_buffers()):
@@ -490,6 +494,9 @@ def _restore_non_persistent_buffers(model: nn.Module, device: str) -> None:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        if name in tensors:
+            owner._buffers[attr] = tensors.pop(name)
+            continue
         # Fill with a sentinel so a buffer that _init_weights does not set is caught below.
         sentinel = float("nan") if buf.is_floating_point() else torch.iinfo(buf.dtype).min
         owner._buffers[attr] = torch.full(buf.shape, sentinel, dtype=buf.dtype, device=device)
@@ -544,7 +551,7 @@ def load(path: Path, model=None, device: str = "cpu") -> nn.Module:
     tensors.update(converted)
 
     native.install_quantized_modules(skeleton, layers)
-    _restore_non_persistent_buffers(skeleton, device)
+    _restore_non_persistent_buffers(skeleton, tensors, device)
     result = skeleton.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise ValueError(f"{path} holds tensors this model does not have: {result.unexpected_keys[:8]}")
