@@ -62,9 +62,15 @@ def packed_zero_points_on_load(monkeypatch):
     def compress(cls, state_dict, scheme):
         out = original(cls, state_dict, scheme)
         zero_point = out.get("weight_zero_point")
-        if zero_point is not None and zero_point.device.type == "meta" and zero_point.dtype != torch.int32:
+        if (
+            zero_point is not None
+            and zero_point.device.type == "meta"
+            and zero_point.dtype != torch.int32
+        ):
             rows = math.ceil(zero_point.shape[0] * scheme.weights.num_bits / 32)
-            out["weight_zero_point"] = torch.empty((rows, zero_point.shape[1]), dtype=torch.int32, device="meta")
+            out["weight_zero_point"] = torch.empty(
+                (rows, zero_point.shape[1]), dtype=torch.int32, device="meta"
+            )
         return out
 
     monkeypatch.setattr(PackedQuantizationCompressor, "compress", classmethod(compress))
@@ -81,8 +87,18 @@ def reference_output(model, monkeypatch, *args, **kwargs):
 
 def cycle_plan(model, choices: list[str]) -> dict[str, str]:
     """Formats by layer role and depth; fused siblings (q/k/v, gate/up) share one format."""
-    roles = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2,
-             "down_proj": 3, "query": 0, "key": 0, "value": 0}
+    roles = {
+        "q_proj": 0,
+        "k_proj": 0,
+        "v_proj": 0,
+        "o_proj": 1,
+        "gate_proj": 2,
+        "up_proj": 2,
+        "down_proj": 3,
+        "query": 0,
+        "key": 0,
+        "value": 0,
+    }
     plan = {}
     for i, name in enumerate(autoq.quantizable_layers(model)):
         depth = next((int(p) for p in name.split(".") if p.isdigit()), 0)
@@ -97,23 +113,38 @@ def minilm_plan(model) -> dict[str, str]:
     plan = {}
     for name in autoq.quantizable_layers(model):
         depth = next((int(p) for p in name.split(".") if p.isdigit()), 0)
-        role = (0 if ".attention.self." in name else 1 if ".attention.output." in name
-                else 2 if ".intermediate." in name else 3 if name.endswith("output.dense") else 4)
+        role = (
+            0
+            if ".attention.self." in name
+            else 1
+            if ".attention.output." in name
+            else 2
+            if ".intermediate." in name
+            else 3
+            if name.endswith("output.dense")
+            else 4
+        )
         plan[name] = choices[(depth + role) % len(choices)]
     return plan
 
 
 # --------------------------------------------------------------------------- layout
 
+
 @pytest.mark.parametrize("num_bits", [4, 8])
 @pytest.mark.parametrize("cols", [64, 37])
 def test_pack_int32_matches_compressed_tensors(num_bits, cols):
     torch.manual_seed(0)
-    signed = torch.randint(-(1 << (num_bits - 1)), 1 << (num_bits - 1), (24, cols), dtype=torch.int8)
+    signed = torch.randint(
+        -(1 << (num_bits - 1)), 1 << (num_bits - 1), (24, cols), dtype=torch.int8
+    )
     unsigned = (signed.to(torch.int16) + (1 << (num_bits - 1))).to(torch.uint8)
     ours = ct_ckpt.pack_int32(unsigned, num_bits)
     assert torch.equal(ours, pack_to_int32(signed, num_bits))
-    assert torch.equal(ct_ckpt.pack_int32(unsigned.t(), num_bits).t(), pack_to_int32(signed, num_bits, packed_dim=0))
+    assert torch.equal(
+        ct_ckpt.pack_int32(unsigned.t(), num_bits).t(),
+        pack_to_int32(signed, num_bits, packed_dim=0),
+    )
     assert torch.equal(ct_ckpt.unpack_int32(ours, num_bits, cols), unsigned)
 
 
@@ -128,7 +159,9 @@ def test_layer_tensors_equal_compressed_tensors_compressor(format_name):
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     state = {"weight": layer.dequantize(torch.float32), "weight_scale": ours["weight_scale"]}
     if layer.format.family == "int4":
-        state["weight_zero_point"] = layer.zero_point.to(torch.int8) - 8  # signed, as in its forward
+        state["weight_zero_point"] = (
+            layer.zero_point.to(torch.int8) - 8
+        )  # signed, as in its forward
     theirs = compressor.compress(state, scheme)
     assert set(theirs) == set(ours)
     for key in ours:
@@ -157,6 +190,7 @@ def test_scheme_per_format_and_config_groups():
 
 # --------------------------------------------------------------------------- round trips
 
+
 def test_llama_weight_only_round_trip(tmp_path, monkeypatch, packed_zero_points_on_load):
     model = tiny_llama()
     plan = Plan(cycle_plan(model, WEIGHT_ONLY))
@@ -179,13 +213,18 @@ def test_llama_weight_only_round_trip(tmp_path, monkeypatch, packed_zero_points_
 
     loaded = autoq.load_quantized(tmp_path)
     assert autoq.layer_formats(loaded) == autoq.layer_formats(model)
-    assert all(isinstance(loaded.get_submodule(n), nn.Linear) for n, f in plan.assignment().items() if f == "none")
+    assert all(
+        isinstance(loaded.get_submodule(n), nn.Linear)
+        for n, f in plan.assignment().items()
+        if f == "none"
+    )
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, fast)
 
 
-def test_minilm_every_format_round_trip(minilm, minilm_tokenizer, unseen_batch, tmp_path, monkeypatch,
-                                        packed_zero_points_on_load):
+def test_minilm_every_format_round_trip(
+    minilm, minilm_tokenizer, unseen_batch, tmp_path, monkeypatch, packed_zero_points_on_load
+):
     plan = minilm_plan(minilm)
     assert set(plan.values()) == set(autoq.formats.names())
     autoq.apply(minilm, plan)
@@ -195,7 +234,10 @@ def test_minilm_every_format_round_trip(minilm, minilm_tokenizer, unseen_batch, 
 
     autoq.save_quantized(minilm, tmp_path, tokenizer=minilm_tokenizer)
     assert (tmp_path / "tokenizer.json").is_file()
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format"] == "mixed-precision"
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format"]
+        == "mixed-precision"
+    )
 
     hf = transformers.AutoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -217,7 +259,10 @@ def test_tied_head_is_left_out_and_retied(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     autoq.save_quantized(model, tmp_path)
-    assert "lm_head" in json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+    assert (
+        "lm_head"
+        in json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+    )
     loaded = autoq.load_quantized(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
@@ -265,14 +310,21 @@ def test_weight_bytes_match_storage_bits(tmp_path):
         fmt, n, k = layer.format, layer.out_features, layer.in_features
         payload = tensors.get(f"{name}.weight", tensors.get(f"{name}.weight_packed"))
         assert payload.numel() * payload.element_size() * 8 == n * k * fmt.weight_bits
-        extras = [tensors[f"{name}.{s}"] for s in ("weight_scale", "weight_zero_point") if f"{name}.{s}" in tensors]
-        ct_bytes = payload.numel() * payload.element_size() + sum(t.numel() * t.element_size() for t in extras)
+        extras = [
+            tensors[f"{name}.{s}"]
+            for s in ("weight_scale", "weight_zero_point")
+            if f"{name}.{s}" in tensors
+        ]
+        ct_bytes = payload.numel() * payload.element_size() + sum(
+            t.numel() * t.element_size() for t in extras
+        )
         autoq_bytes = fmt.storage_bits(n, k) * n * k / 8
         autoq_overhead = autoq_bytes - n * k * fmt.weight_bits / 8
         assert abs(ct_bytes - autoq_bytes) <= autoq_overhead, (name, ct_bytes, autoq_bytes)
 
 
 # --------------------------------------------------------------------------- foreign checkpoints
+
 
 def ct_quantized_llama(groups: dict[str, dict]) -> nn.Module:
     """A tiny Llama quantized by compressed-tensors itself (min/max qparams), in fake-quant mode."""
@@ -298,14 +350,28 @@ def ct_quantized_llama(groups: dict[str, dict]) -> nn.Module:
 
 
 CT_GROUPS = {
-    "attn_w8a8": {"targets": [r"re:.*self_attn\.(q|k|v)_proj$"],
-                  "weights": {"num_bits": 8, "symmetric": True, "strategy": "channel"},
-                  "input_activations": {"num_bits": 8, "symmetric": True, "strategy": "token", "dynamic": True}},
-    "out_w8a16": {"targets": [r"re:.*o_proj$"], "weights": {"num_bits": 8, "symmetric": True, "strategy": "channel"}},
-    "mlp_w4a16_asym": {"targets": [r"re:.*mlp\.(gate|up)_proj$"],
-                       "weights": {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32}},
-    "down_w4a16": {"targets": ["Linear"],
-                   "weights": {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}},
+    "attn_w8a8": {
+        "targets": [r"re:.*self_attn\.(q|k|v)_proj$"],
+        "weights": {"num_bits": 8, "symmetric": True, "strategy": "channel"},
+        "input_activations": {
+            "num_bits": 8,
+            "symmetric": True,
+            "strategy": "token",
+            "dynamic": True,
+        },
+    },
+    "out_w8a16": {
+        "targets": [r"re:.*o_proj$"],
+        "weights": {"num_bits": 8, "symmetric": True, "strategy": "channel"},
+    },
+    "mlp_w4a16_asym": {
+        "targets": [r"re:.*mlp\.(gate|up)_proj$"],
+        "weights": {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32},
+    },
+    "down_w4a16": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64},
+    },
 }
 
 
@@ -315,9 +381,16 @@ def ct_checkpoint(tmp_path_factory):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fake_quant = model(ids).logits
-    fake_weights = {name: fake_quantize(m.weight, m.weight_scale, getattr(m, "weight_zero_point", None),
-                                        m.quantization_scheme.weights)
-                    for name, m in model.named_modules() if hasattr(m, "quantization_scheme")}
+    fake_weights = {
+        name: fake_quantize(
+            m.weight,
+            m.weight_scale,
+            getattr(m, "weight_zero_point", None),
+            m.quantization_scheme.weights,
+        )
+        for name, m in model.named_modules()
+        if hasattr(m, "quantization_scheme")
+    }
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     path = tmp_path_factory.mktemp("ct_written")
@@ -328,11 +401,20 @@ def ct_checkpoint(tmp_path_factory):
 
 def test_loads_checkpoint_written_by_compressed_tensors(ct_checkpoint, monkeypatch):
     path, ids, fake_quant, fake_weights = ct_checkpoint
-    assert json.loads((path / "config.json").read_text())["quantization_config"]["format"] == "mixed-precision"
+    assert (
+        json.loads((path / "config.json").read_text())["quantization_config"]["format"]
+        == "mixed-precision"
+    )
     loaded = autoq.load_quantized(path)
-    expected_formats = {"q_proj": "int8_dynamic", "k_proj": "int8_dynamic", "v_proj": "int8_dynamic",
-                        "o_proj": "int8_weight_only", "gate_proj": "int4_g32", "up_proj": "int4_g32",
-                        "down_proj": "int4_g64"}
+    expected_formats = {
+        "q_proj": "int8_dynamic",
+        "k_proj": "int8_dynamic",
+        "v_proj": "int8_dynamic",
+        "o_proj": "int8_weight_only",
+        "gate_proj": "int4_g32",
+        "up_proj": "int4_g32",
+        "down_proj": "int4_g64",
+    }
     formats = autoq.layer_formats(loaded)
     assert formats == {n: expected_formats[n.rsplit(".", 1)[-1]] for n in fake_weights}
     assert isinstance(loaded.lm_head, nn.Linear)
@@ -352,15 +434,21 @@ def test_unsupported_schemes_are_named(ct_checkpoint, tmp_path):
     for f in path.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"'{down}'.*int4 symmetric group size 16.*no autoq format"):
+    with pytest.raises(
+        ValueError, match=rf"'{down}'.*int4 symmetric group size 16.*no autoq format"
+    ):
         autoq.load_quantized(tmp_path)
 
-    fp8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+    fp8 = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+    }
     with pytest.raises(ValueError, match=r"'fp8'.*float8 symmetric channel"):
         ct_ckpt.format_for_scheme("fp8", fp8)
 
 
 # --------------------------------------------------------------------------- fallbacks
+
 
 def test_gpt2_conv1d_falls_back_to_autoq_format(tmp_path):
     model = tiny_gpt2()

@@ -44,8 +44,15 @@ def default_format(model: nn.Module) -> str:
     return "compressed-tensors" if compressed_tensors.unsupported_reason(model) is None else "autoq"
 
 
-def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, *, format: str | None = None,
-                   plan=None, **options) -> Path:
+def save_quantized(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer=None,
+    *,
+    format: str | None = None,
+    plan=None,
+    **options,
+) -> Path:
     """Write ``model`` (quantized with ``autoq.apply``) to the directory ``path``.
 
     ``format``: ``"compressed-tensors"``, ``"autoq"`` (our own layout; every model) or another
@@ -67,8 +74,9 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, *, format
     return WRITERS[name](model, Path(path), tokenizer=tokenizer, plan=plan, **options)
 
 
-def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None,
-                   device: str = "cpu") -> nn.Module:
+def load_quantized(
+    path: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None, device: str = "cpu"
+) -> nn.Module:
     """Load a directory written by :func:`save_quantized` (or a supported foreign format).
 
     Hugging Face models are rebuilt from ``config.json`` on the meta device. For other models pass
@@ -77,7 +85,9 @@ def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module] 
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory; pass the directory save_quantized wrote")
+        raise FileNotFoundError(
+            f"{path} is not a directory; pass the directory save_quantized wrote"
+        )
     for detector, reader in READERS:
         if detector(path):
             return reader(path, model=model, device=device)

@@ -8,15 +8,20 @@ name; quantizable layers left in float are listed in ``ignore``. With more than 
 compression format the top-level ``format`` is ``"mixed-precision"`` and each group carries its
 own.
 
-| autoq format     | compressed-tensors scheme                             | format         | tensors per layer                                        |
-|------------------|-------------------------------------------------------|----------------|----------------------------------------------------------|
-| int8_dynamic     | W8A8: int8 symmetric channel weights, int8 symmetric  | int-quantized  | ``weight`` int8 [N, K], ``weight_scale`` [N, 1]          |
-|                  | dynamic per-token input activations                   |                |                                                          |
-| int8_weight_only | W8A16: int8 symmetric channel weights                 | pack-quantized | ``weight_packed`` int32 [N, K/4], ``weight_scale``       |
-|                  |                                                       |                | [N, 1], ``weight_shape``                                 |
-| int4_g{G}        | W4A16_ASYM: int4 asymmetric, strategy group, size G   | pack-quantized | ``weight_packed`` int32 [N, K/8], ``weight_scale``       |
-|                  |                                                       |                | [N, K/G], ``weight_zero_point`` int32 [N/8, K/G],        |
-|                  |                                                       |                | ``weight_shape``                                         |
+| autoq format     | compressed-tensors scheme                         | format         |
+|------------------|---------------------------------------------------|----------------|
+| int8_dynamic     | W8A8: int8 symmetric per-channel weights, int8    | int-quantized  |
+|                  | symmetric dynamic per-token input activations     |                |
+| int8_weight_only | W8A16: int8 symmetric per-channel weights         | pack-quantized |
+| int4_g{G}        | W4A16_ASYM: int4 asymmetric, strategy group, G    | pack-quantized |
+
+Tensors per layer (``[N, K]`` = ``[out_features, in_features]``):
+
+- int-quantized: ``weight`` int8 ``[N, K]``, ``weight_scale`` ``[N, 1]``.
+- pack-quantized int8: ``weight_packed`` int32 ``[N, K/4]``, ``weight_scale`` ``[N, 1]``,
+  ``weight_shape`` int64 ``[2]``.
+- pack-quantized int4: ``weight_packed`` int32 ``[N, K/8]``, ``weight_scale`` ``[N, K/G]``,
+  ``weight_zero_point`` int32 ``[N/8, K/G]``, ``weight_shape``.
 
 Layouts, as compressed-tensors' ``pack_to_int32`` writes them: a value is stored offset by
 ``2**(bits-1)`` (int4 ``q`` in [-8, 7] is stored as ``q + 8``, which is autoq's unsigned value;
@@ -43,7 +48,12 @@ autoq's own format instead, with a warning that says why. vLLM fuses some siblin
 (q/k/v, gate/up) and needs one scheme for all of them; the writer warns when a plan splits them.
 
 Loading (:func:`load`) reads these checkpoints, and ones compressed-tensors writes for the
-schemes above (int4 symmetric groups too), into autoq's modules without making float weights.
+schemes above (int4 symmetric groups too, with zero point 8), into autoq's modules without making
+float weights; other schemes raise an error naming them. compressed-tensors rounds int8 weights
+with ``absmax / 127.5``, so its checkpoints may hold -128, which autoq's int8 kernels accept.
+Buffers no checkpoint holds (rotary ``inv_freq``) are recomputed by the model's ``_init_weights``,
+as transformers does, so they come back in their constructor's dtype (fp32) even if the saved
+model had cast them.
 """
 
 from __future__ import annotations
@@ -72,30 +82,57 @@ SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, like transformers' "5GB"
 
 # vLLM fuses these siblings into one layer, which must have one scheme.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+FUSED_SIBLINGS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),
+)
 
 
 # --------------------------------------------------------------------------- schemes
 
-def _int_args(num_bits: int, symmetric: bool, strategy: str, group_size: int | None = None,
-              dynamic: bool = False) -> dict:
-    return {"num_bits": num_bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
-            "group_size": group_size, "dynamic": dynamic}
+
+def _int_args(
+    num_bits: int,
+    symmetric: bool,
+    strategy: str,
+    group_size: int | None = None,
+    dynamic: bool = False,
+) -> dict:
+    return {
+        "num_bits": num_bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": strategy,
+        "group_size": group_size,
+        "dynamic": dynamic,
+    }
 
 
 def scheme_for(format_name: str) -> dict:
     """The compressed-tensors scheme (without targets) for an autoq format."""
     fmt = formats.get(format_name)
     if fmt.family == "int8_dynamic":
-        return {"weights": _int_args(8, True, "channel"),
-                "input_activations": _int_args(8, True, "token", dynamic=True),
-                "output_activations": None, "format": "int-quantized"}
+        return {
+            "weights": _int_args(8, True, "channel"),
+            "input_activations": _int_args(8, True, "token", dynamic=True),
+            "output_activations": None,
+            "format": "int-quantized",
+        }
     if fmt.family == "int8_weight_only":
-        return {"weights": _int_args(8, True, "channel"), "input_activations": None,
-                "output_activations": None, "format": "pack-quantized"}
+        return {
+            "weights": _int_args(8, True, "channel"),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
     if fmt.family == "int4":
-        return {"weights": _int_args(4, False, "group", fmt.group_size), "input_activations": None,
-                "output_activations": None, "format": "pack-quantized"}
+        return {
+            "weights": _int_args(4, False, "group", fmt.group_size),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
     raise ValueError(f"format {format_name!r} has no compressed-tensors scheme")
 
 
@@ -103,11 +140,21 @@ def _args_with_defaults(args: dict | None) -> dict | None:
     """QuantizationArgs as a dict with compressed-tensors' defaults and inferred strategy."""
     if args is None:
         return None
-    full = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": None,
-            "dynamic": False, "actorder": None, **args}
+    full = {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": None,
+        "dynamic": False,
+        "actorder": None,
+        **args,
+    }
     if full["strategy"] is None:
         group_size = full["group_size"]
-        full["strategy"] = "tensor" if group_size is None else "channel" if group_size == -1 else "group"
+        full["strategy"] = (
+            "tensor" if group_size is None else "channel" if group_size == -1 else "group"
+        )
     return full
 
 
@@ -116,17 +163,22 @@ def describe_scheme(group: str, scheme: dict) -> str:
         args = _args_with_defaults(args)
         if args is None:
             return "none"
-        text = (f"{args['type']}{args['num_bits']} {'symmetric' if args['symmetric'] else 'asymmetric'} "
-                f"{args['strategy']}")
+        text = (
+            f"{args['type']}{args['num_bits']} "
+            f"{'symmetric' if args['symmetric'] else 'asymmetric'} "
+            f"{args['strategy']}"
+        )
         if args["strategy"] == "group":
             text += f" size {args['group_size']}"
         if args["dynamic"]:
             text += " dynamic"
         return text
 
-    return (f"config group {group!r} (weights: {one(scheme.get('weights'))}; input activations: "
-            f"{one(scheme.get('input_activations'))}; output activations: "
-            f"{one(scheme.get('output_activations'))})")
+    return (
+        f"config group {group!r} (weights: {one(scheme.get('weights'))}; input activations: "
+        f"{one(scheme.get('input_activations'))}; output activations: "
+        f"{one(scheme.get('output_activations'))})"
+    )
 
 
 def format_for_scheme(group: str, scheme: dict) -> str:
@@ -134,19 +186,43 @@ def format_for_scheme(group: str, scheme: dict) -> str:
     weights = _args_with_defaults(scheme.get("weights"))
     acts = _args_with_defaults(scheme.get("input_activations"))
     found = None
-    plain_int_weights = (weights is not None and weights["type"] == "int" and not weights["dynamic"]
-                         and weights["actorder"] in (None, "weight", "static")
-                         and scheme.get("output_activations") is None)
-    if plain_int_weights and weights["num_bits"] == 8 and weights["symmetric"] \
-            and weights["strategy"] in ("channel", "tensor"):
+    plain_int_weights = (
+        weights is not None
+        and weights["type"] == "int"
+        and not weights["dynamic"]
+        and weights["actorder"] in (None, "weight", "static")
+        and scheme.get("output_activations") is None
+    )
+    if (
+        plain_int_weights
+        and weights["num_bits"] == 8
+        and weights["symmetric"]
+        and weights["strategy"] in ("channel", "tensor")
+    ):
         if acts is None:
             found = "int8_weight_only"
-        elif (acts["type"] == "int" and acts["num_bits"] == 8 and acts["symmetric"]
-              and acts["strategy"] == "token" and acts["dynamic"] is True):
+        elif (
+            acts["type"] == "int"
+            and acts["num_bits"] == 8
+            and acts["symmetric"]
+            and acts["strategy"] == "token"
+            and acts["dynamic"] is True
+        ):
             found = "int8_dynamic"
-    elif plain_int_weights and weights["num_bits"] == 4 and weights["strategy"] == "group" and acts is None:
-        found = next((f.name for f in formats.all_formats()
-                      if f.family == "int4" and f.group_size == weights["group_size"]), None)
+    elif (
+        plain_int_weights
+        and weights["num_bits"] == 4
+        and weights["strategy"] == "group"
+        and acts is None
+    ):
+        found = next(
+            (
+                f.name
+                for f in formats.all_formats()
+                if f.family == "int4" and f.group_size == weights["group_size"]
+            ),
+            None,
+        )
     if found is None:
         int4_sizes = sorted(f.group_size for f in formats.all_formats() if f.family == "int4")
         raise ValueError(
@@ -158,6 +234,7 @@ def format_for_scheme(group: str, scheme: dict) -> str:
 
 
 # --------------------------------------------------------------------------- packing
+
 
 def pack_int32(values: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Pack unsigned ``num_bits`` values ``[R, C]`` into int32 words ``[R, ceil(C * bits / 32)]``.
@@ -184,10 +261,15 @@ def unpack_int32(words: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- writing
 
+
 def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
     if wide == narrow:
         return True
-    return wide in (torch.float32, torch.float64) and narrow in (torch.float16, torch.bfloat16, torch.float32)
+    return wide in (torch.float32, torch.float64) and narrow in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    )
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -227,8 +309,11 @@ def export_layer(module: QuantizedLinear, model_dtype: torch.dtype) -> dict[str,
 
 def _quantized_names(model: nn.Module) -> dict[str, QuantizedLinear]:
     """Every name of every quantized layer (a shared module appears under each of its names)."""
-    return {name: m for name, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, QuantizedLinear)}
+    return {
+        name: m
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, QuantizedLinear)
+    }
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -245,7 +330,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         with torch.device("meta"):
             skeleton = type(model)(copy.deepcopy(config))
     except Exception as err:  # noqa: BLE001 - any failure means we cannot check
-        return f"{type(model).__name__} could not be rebuilt from its config to check its layers ({err})"
+        return (
+            f"{type(model).__name__} could not be rebuilt from its config to check its layers "
+            f"({err})"
+        )
     head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
     for name in layers:
         try:
@@ -253,11 +341,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
         except AttributeError:
             return f"layer {name!r} does not exist in a fresh {type(model).__name__}"
         if not isinstance(original, nn.Linear):
-            return (f"layer {name!r} was a {type(original).__name__}, not an nn.Linear, and "
-                    "compressed-tensors only quantizes nn.Linear layers")
+            return (
+                f"layer {name!r} was a {type(original).__name__}, not an nn.Linear, and "
+                "compressed-tensors only quantizes nn.Linear layers"
+            )
         if original is head and getattr(config, "tie_word_embeddings", False):
-            return (f"its output layer {name!r} is quantized while tie_word_embeddings ties it to "
-                    "the input embedding, and loaders would tie it back")
+            return (
+                f"its output layer {name!r} is quantized while tie_word_embeddings ties it to "
+                "the input embedding, and loaders would tie it back"
+            )
     return None
 
 
@@ -284,7 +376,9 @@ def _warn_split_fused_layers(layer_formats: dict[str, str]) -> None:
                 warnings.warn(
                     f"{', '.join(f'{n}={f}' for n, f in found.items())}: vLLM fuses these layers "
                     "into one and needs one scheme for all of them, so it may refuse this "
-                    "checkpoint; transformers loads it", stacklevel=4)
+                    "checkpoint; transformers loads it",
+                    stacklevel=4,
+                )
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -314,8 +408,9 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors with every quantized layer in compressed-tensors' layout."""
     layers = _quantized_names(model)
     model_dtype = _model_dtype(model)
-    float_part = {key: t for key, t in model.state_dict().items()
-                  if key.rpartition(".")[0] not in layers}
+    float_part = {
+        key: t for key, t in model.state_dict().items() if key.rpartition(".")[0] not in layers
+    }
     unique, aliases = native.dedupe_shared(float_part)
     # Tied weights transformers re-ties on load are left out, as save_pretrained does.
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -329,7 +424,9 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_size: int) -> list[Path]:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, max_shard_size: int
+) -> list[Path]:
     """``model.safetensors``, or shards plus an index when larger than ``max_shard_size`` bytes."""
     for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
@@ -357,14 +454,22 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_si
     return files
 
 
-def save(model: nn.Module, path: Path, tokenizer=None, plan=None,
-         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def save(
+    model: nn.Module,
+    path: Path,
+    tokenizer=None,
+    plan=None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write ``model`` as a compressed-tensors checkpoint; when that cannot express it, warn and
     write autoq's own format (one file, ``max_shard_size`` does not apply)."""
     reason = unsupported_reason(model)
     if reason is not None:
-        warnings.warn(f"compressed-tensors cannot express this model: {reason}; saving it in "
-                      "autoq's own format instead", stacklevel=3)
+        warnings.warn(
+            f"compressed-tensors cannot express this model: {reason}; saving it in "
+            "autoq's own format instead",
+            stacklevel=3,
+        )
         return native.save(model, path, tokenizer=tokenizer, plan=plan)
     _warn_split_fused_layers(_layer_format_map(model))
     path.mkdir(parents=True, exist_ok=True)
@@ -380,6 +485,7 @@ def save(model: nn.Module, path: Path, tokenizer=None, plan=None,
 
 
 # --------------------------------------------------------------------------- reading
+
 
 def is_compressed_tensors(path: Path) -> bool:
     config_file = path / "config.json"
@@ -417,40 +523,64 @@ def _target_matches(name: str, module: nn.Module, target: str) -> str | None:
     return None
 
 
-def _scheme_of(name: str, module: nn.Module, groups: dict[str, dict], ignore: list[str]) -> str | None:
+def _scheme_of(
+    name: str, module: nn.Module, groups: dict[str, dict], ignore: list[str]
+) -> str | None:
     """The config group that quantizes this module, chosen as compressed-tensors chooses: exact
     names beat regexes beat class names, ties go to the smallest target string, and a target
     listed in several groups belongs to the last."""
     if any(_target_matches(name, module, t) for t in ignore):
         return None
-    target_group = {target: group for group, scheme in groups.items() for target in scheme.get("targets", [])}
+    target_group = {
+        target: group for group, scheme in groups.items() for target in scheme.get("targets", [])
+    }
     rank = {"name": 0, "regex": 1, "class": 2}
-    matches = [(rank[kind], target) for target in target_group
-               if (kind := _target_matches(name, module, target))]
+    matches = [
+        (rank[kind], target)
+        for target in target_group
+        if (kind := _target_matches(name, module, target))
+    ]
     return target_group[min(matches)[1]] if matches else None
 
 
 def _check_supported(qconfig: dict) -> None:
     if qconfig.get("kv_cache_scheme"):
-        raise ValueError("this compressed-tensors checkpoint quantizes the KV cache, which autoq cannot run")
+        raise ValueError(
+            "this compressed-tensors checkpoint quantizes the KV cache, which autoq cannot run"
+        )
     if qconfig.get("transform_config"):
-        raise ValueError("this compressed-tensors checkpoint uses transforms (rotations), which autoq cannot run")
+        raise ValueError(
+            "this compressed-tensors checkpoint uses transforms (rotations), which autoq cannot run"
+        )
     sparsity = qconfig.get("sparsity_config") or {}
     if sparsity.get("format") not in (None, "dense"):
-        raise ValueError(f"this compressed-tensors checkpoint is sparse ({sparsity.get('format')}), which autoq cannot run")
+        raise ValueError(
+            f"this compressed-tensors checkpoint is sparse ({sparsity.get('format')}), which "
+            "autoq cannot run"
+        )
 
 
-def import_layer(name: str, format_name: str, scheme: dict, out_features: int, in_features: int,
-                 tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def import_layer(
+    name: str,
+    format_name: str,
+    scheme: dict,
+    out_features: int,
+    in_features: int,
+    tensors: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """Pop one layer's compressed-tensors tensors and return them in autoq's layout."""
     fmt = formats.get(format_name)
     weights = _args_with_defaults(scheme["weights"])
     n, k = out_features, in_features
     if f"{name}.weight_g_idx" in tensors:
-        raise ValueError(f"layer {name!r} has an activation-order index (weight_g_idx), which autoq cannot run")
+        raise ValueError(
+            f"layer {name!r} has an activation-order index (weight_g_idx), which autoq cannot run"
+        )
     shape = tensors.pop(f"{name}.weight_shape", None)
     if shape is not None and [int(v) for v in shape] != [n, k]:
-        raise ValueError(f"layer {name!r}: weight_shape {shape.tolist()} does not match the model's {[n, k]}")
+        raise ValueError(
+            f"layer {name!r}: weight_shape {shape.tolist()} does not match the model's {[n, k]}"
+        )
     packed = tensors.pop(f"{name}.weight_packed", None)
     plain = tensors.pop(f"{name}.weight", None)
     if packed is not None:
@@ -459,9 +589,14 @@ def import_layer(name: str, format_name: str, scheme: dict, out_features: int, i
         unsigned = (plain.to(torch.int16) + (1 << (weights["num_bits"] - 1))).to(torch.uint8)
     else:
         stored = "missing" if plain is None else f"stored as {plain.dtype}"
-        raise ValueError(f"layer {name!r}: its quantized weight is {stored}; expected weight_packed (int32) or weight (int8)")
+        raise ValueError(
+            f"layer {name!r}: its quantized weight is {stored}; expected weight_packed (int32) "
+            "or weight (int8)"
+        )
     if tuple(unsigned.shape) != (n, k):
-        raise ValueError(f"layer {name!r}: weight has shape {tuple(unsigned.shape)}, the model expects {(n, k)}")
+        raise ValueError(
+            f"layer {name!r}: weight has shape {tuple(unsigned.shape)}, the model expects {(n, k)}"
+        )
     scale = tensors.pop(f"{name}.weight_scale")
     zero_point = tensors.pop(f"{name}.weight_zero_point", None)
     out = {}
@@ -479,14 +614,19 @@ def import_layer(name: str, format_name: str, scheme: dict, out_features: int, i
             out["zero_point"] = (zero_point.reshape(n, groups).to(torch.int16) + 8).to(torch.uint8)
     else:
         out["qweight"] = (unsigned.to(torch.int16) - 128).to(torch.int8)
-        out["scale"] = scale.float().reshape(-1).expand(n).contiguous()  # "tensor": one scale for all
+        out["scale"] = (
+            scale.float().reshape(-1).expand(n).contiguous()
+        )  # "tensor": one scale for all
     return out
 
 
-def _restore_non_persistent_buffers(model: nn.Module, tensors: dict[str, torch.Tensor], device: str) -> None:
+def _restore_non_persistent_buffers(
+    model: nn.Module, tensors: dict[str, torch.Tensor], device: str
+) -> None:
     """Fill buffers that are not in the state dict: from the checkpoint when it has them (older
     checkpoints stored BERT's ``position_ids``), else recomputed by the model's own
-    ``_init_weights`` (rotary ``inv_freq``, ``position_ids``), as transformers does after loading."""
+    ``_init_weights`` (rotary ``inv_freq``, ``position_ids``), as transformers does after
+    loading."""
     persistent = set(model.state_dict())
     missing = []
     for name, buf in list(model.named_buffers()):
@@ -507,10 +647,16 @@ def _restore_non_persistent_buffers(model: nn.Module, tensors: dict[str, torch.T
             init(owner)
     for name, owner, attr in missing:
         value = owner._buffers[attr]
-        unset = value.isnan().any() if value.is_floating_point() else (value == torch.iinfo(value.dtype).min).any()
+        unset = (
+            value.isnan().any()
+            if value.is_floating_point()
+            else (value == torch.iinfo(value.dtype).min).any()
+        )
         if unset:
-            raise ValueError(f"cannot recompute buffer {name!r}: it is not in the checkpoint and the "
-                             "model's _init_weights does not set it; save in autoq's format instead")
+            raise ValueError(
+                f"cannot recompute buffer {name!r}: it is not in the checkpoint and the "
+                "model's _init_weights does not set it; save in autoq's format instead"
+            )
 
 
 def load(path: Path, model=None, device: str = "cpu") -> nn.Module:
@@ -525,7 +671,9 @@ def load(path: Path, model=None, device: str = "cpu") -> nn.Module:
     groups = {g: s for g, s in (qconfig.get("config_groups") or {}).items()}
     for group, scheme in groups.items():
         if isinstance(scheme, list):  # a preset name mapped to targets, e.g. {"W8A8": ["Linear"]}
-            raise ValueError(f"config group {group!r} uses a preset by name; autoq needs the scheme spelled out")
+            raise ValueError(
+                f"config group {group!r} uses a preset by name; autoq needs the scheme spelled out"
+            )
     tensors = read_safetensors(path, device)
 
     layers: dict[str, dict] = {}
@@ -536,31 +684,52 @@ def load(path: Path, model=None, device: str = "cpu") -> nn.Module:
         group = _scheme_of(name, module, groups, qconfig.get("ignore") or [])
         if group is None or groups[group].get("weights") is None:
             if group is not None and groups[group].get("input_activations") is not None:
-                raise ValueError(f"{describe_scheme(group, groups[group])} quantizes activations only; autoq cannot run it")
+                raise ValueError(
+                    f"{describe_scheme(group, groups[group])} quantizes activations only; "
+                    "autoq cannot run it"
+                )
             continue
         if isinstance(module, nn.Embedding):
-            raise ValueError(f"{describe_scheme(group, groups[group])} quantizes embedding {name!r}; autoq quantizes Linear layers only")
+            raise ValueError(
+                f"{describe_scheme(group, groups[group])} quantizes embedding {name!r}; autoq "
+                "quantizes Linear layers only"
+            )
         format_name = format_for_scheme(group, groups[group])
-        for key, t in import_layer(name, format_name, groups[group], module.out_features,
-                                   module.in_features, tensors).items():
+        for key, t in import_layer(
+            name, format_name, groups[group], module.out_features, module.in_features, tensors
+        ).items():
             converted[f"{name}.{key}"] = t
         bias = tensors.get(f"{name}.bias")
-        layers[name] = {"format": format_name, "in_features": module.in_features,
-                        "out_features": module.out_features, "bias": module.bias is not None,
-                        "bias_dtype": str(bias.dtype).removeprefix("torch.") if bias is not None else None}
+        layers[name] = {
+            "format": format_name,
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+            "bias_dtype": str(bias.dtype).removeprefix("torch.") if bias is not None else None,
+        }
     tensors.update(converted)
 
     native.install_quantized_modules(skeleton, layers)
     _restore_non_persistent_buffers(skeleton, tensors, device)
     result = skeleton.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
-        raise ValueError(f"{path} holds tensors this model does not have: {result.unexpected_keys[:8]}")
+        raise ValueError(
+            f"{path} holds tensors this model does not have: {result.unexpected_keys[:8]}"
+        )
     skeleton_config = getattr(skeleton, "config", None)
-    if result.missing_keys and getattr(skeleton_config, "tie_word_embeddings", False) \
-            and hasattr(skeleton, "tie_weights"):
+    if (
+        result.missing_keys
+        and getattr(skeleton_config, "tie_word_embeddings", False)
+        and hasattr(skeleton, "tie_weights")
+    ):
         skeleton.tie_weights()
-    leftover = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]
-                if t.device.type == "meta"]
+    leftover = [
+        n
+        for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]
+        if t.device.type == "meta"
+    ]
     if leftover:
-        raise ValueError(f"{path} is missing tensors for {leftover[:8]}; it may be from another model version")
+        raise ValueError(
+            f"{path} is missing tensors for {leftover[:8]}; it may be from another model version"
+        )
     return skeleton.eval()
