@@ -481,3 +481,13 @@ def test_format_autoq_forces_own_format_and_plain_models_default_to_it(tmp_path,
     autoq.save_quantized(plain, tmp_path / "plain")
     assert (tmp_path / "plain" / "autoq.json").is_file()
     assert not [w for w in recwarn if "compressed-tensors" in str(w.message)]
+
+
+def test_plan_that_splits_fused_layers_warns(tmp_path):
+    model = tiny_llama()
+    plan = cycle_plan(model, ["int4_g32"])
+    plan["model.layers.0.self_attn.k_proj"] = "int8_weight_only"
+    autoq.apply(model, plan)
+    with pytest.warns(UserWarning, match=r"k_proj=int8_weight_only.*vLLM fuses"):
+        autoq.save_quantized(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]
