@@ -1,0 +1,281 @@
+"""Benchmark: time every candidate format on every recorded shape with the real modules.
+
+Each (format, N, K, M, activation dtype) is timed once, with the module ``quantize_layer`` builds
+(the same one the model will run) on the model's device:
+
+- CUDA: median of CUDA-event timings, the L2 cache flushed (a 256 MiB buffer overwritten) before
+  every call, so weights are read from memory as they are in a real forward;
+- CPU: warm-up calls, then the median of repeated calls. The formats of one shape are timed in
+  interleaved rounds, so a burst of load from other processes skews them all alike rather than
+  one of them.
+
+**M bucketing.** M (batch x tokens) is rounded up to the next power of two (at least 16) before
+timing: calibration batches of slightly different lengths then share one measurement, and the
+estimate errs on the slow side. A layer's latency for a format is the sum over its recorded
+shapes of ``count x time(bucket(M))``, divided by the number of calibration batches.
+
+Timings live in a table keyed by ``"format|N|K|M|dtype"``; the caller persists it per hardware
+key (device name or CPU model, core and thread counts, torch / triton / autoq versions, kernel
+backend), so any model with the same shapes reuses it.
+
+**Validity.** Before timing, every candidate is run on the layer's real recorded activations (a
+sample from the profile) and compared with the float layer. A format is dropped for that layer,
+with the reason kept in the plan, when ``Format.check`` rejects the shape, when quantizing or
+running it raises, when its output is not finite, or when its output SQNR is below
+``SQNR_FLOOR_DB`` (10 dB: the noise would be a third of the signal's amplitude; a healthy int4
+layer measures 15-25 dB, int8 30-45 dB). ``none`` is never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoq import formats as formats_registry
+from autoq.kernels import default_backend, requested_backend
+from autoq.modules import quantize_layer
+from autoq.primitives import sqnr_db
+from autoq.profile import Profile
+from autoq.swap import float_weight
+
+Report = Callable[[float, str], None]
+
+SQNR_FLOOR_DB = 10.0
+MIN_BUCKET = 16
+UNQUANTIZED = "none"
+
+
+@dataclass
+class BenchResult:
+    latency: dict[str, dict[str, float]]  # layer -> format -> seconds per calibration batch
+    dropped: dict[str, dict[str, str]]  # layer -> format -> reason
+    new_timings: dict[str, float]  # timing-table entries measured by this call
+
+
+def bucket_m(m: int) -> int:
+    """The next power of two >= m (at least ``MIN_BUCKET``)."""
+    return max(MIN_BUCKET, 1 << max(int(m) - 1, 0).bit_length())
+
+
+def timing_key(fmt: str, n: int, k: int, m: int, dtype: str) -> str:
+    return f"{fmt}|{n}|{k}|{m}|{dtype}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_info(device: torch.device) -> dict[str, str | int | None]:
+    """What the timings depend on: device, software versions and kernel backend."""
+    from importlib import metadata
+
+    from autoq import __version__
+
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_name()
+    return {
+        "device": device.type,
+        "name": name,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "autoq": __version__,
+        "backend": requested_backend() or default_backend(device),
+    }
+
+
+def hardware_key(info: dict) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------- validity
+
+
+def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
+                sqnr_floor: float = SQNR_FLOOR_DB) -> str | None:
+    """``None`` when ``fmt`` is usable for this layer, else the reason it is not."""
+    if fmt == UNQUANTIZED:
+        return None
+    weight = float_weight(module)
+    reason = formats_registry.get(fmt).check(*weight.shape)
+    if reason:
+        return reason
+    try:
+        with torch.no_grad():
+            qmodule = quantize_layer(weight, module.bias, fmt)
+            if sample is None:
+                return None
+            out = qmodule(sample)
+            ref = module(sample)
+    except Exception as err:  # a kernel that cannot run this layer is dropped, never a crash
+        return f"raised {type(err).__name__}: {err}"
+    if not torch.isfinite(out).all():
+        return "non-finite output on the recorded activations"
+    sqnr = sqnr_db(ref, out)
+    if sqnr < sqnr_floor:
+        return f"output SQNR {sqnr:.1f} dB on the recorded activations is below the {sqnr_floor:g} dB floor"
+    return None
+
+
+# ---------------------------------------------------------------------------------- timing
+
+
+def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    w = weight.detach().to(dtype)
+    b = bias.detach().to(dtype) if bias is not None else None
+    return lambda x: F.linear(x, w, b)
+
+
+def _one_call_cpu(fn: Callable, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def _one_call_cuda(fn: Callable, x: torch.Tensor, flush: torch.Tensor) -> float:
+    flush.zero_()  # evict the weights from L2
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def time_calls(calls: dict, *, rounds: int = 5, per_round: int = 3, budget_s: float = 0.05,
+               report: Report | None = None) -> dict:
+    """Median seconds per call of each ``calls[key] = (fn, x)``.
+
+    Every callable is warmed up, then timed in ``rounds`` interleaved rounds of ``per_round``
+    calls; one whose samples already add up to ``budget_s`` is not timed again (slow shapes).
+    """
+    samples: dict = {key: [] for key in calls}
+    if not calls:
+        return {}
+    device = next(iter(calls.values()))[1].device
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    with torch.no_grad():
+        for fn, x in calls.values():  # warm-up: first calls build the backend layout and caches
+            fn(x)
+            fn(x)
+        if flush is not None:
+            torch.cuda.synchronize(device)
+        for r in range(rounds):
+            for key, (fn, x) in calls.items():
+                if samples[key] and sum(samples[key]) > budget_s:
+                    continue
+                for _ in range(per_round):
+                    samples[key].append(_one_call_cpu(fn, x) if flush is None else _one_call_cuda(fn, x, flush))
+            if report is not None:
+                report((r + 1) / rounds, f"timing round {r + 1}/{rounds}")
+    return {key: statistics.median(s) for key, s in samples.items()}
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+def benchmark(
+    layers: dict[str, nn.Module],
+    prof: Profile,
+    fmts: Sequence[str],
+    *,
+    timings: dict[str, float] | None = None,
+    sqnr_floor: float = SQNR_FLOOR_DB,
+    report: Report | None = None,
+) -> BenchResult:
+    """Check every candidate on every layer, time the surviving ones on every recorded shape."""
+    table = dict(timings or {})
+    fmts = list(dict.fromkeys([UNQUANTIZED, *fmts]))
+    dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
+    valid: dict[str, list[str]] = {}
+    jobs: dict[tuple[int, int, int, str], dict] = {}  # (N, K, M, dtype) -> formats and a weight
+    for i, (name, module) in enumerate(layers.items()):
+        sample = prof.samples.get(name)
+        for fmt in fmts:
+            reason = check_layer(module, fmt, sample, sqnr_floor)
+            if reason:
+                dropped[name][fmt] = reason
+        valid[name] = [f for f in fmts if f not in dropped[name]]
+        layer_prof = prof.layers[name]
+        n = layer_prof.out_features
+        for (m, k), _count in layer_prof.shapes.items():
+            job = jobs.setdefault((n, k, bucket_m(m), layer_prof.dtype), {"formats": set(), "module": module})
+            job["formats"].update(valid[name])
+        if report is not None:
+            report(0.5 * (i + 1) / len(layers), f"checked {name}")
+
+    # Build a module and an input for every (shape, format) not in the table yet, then time them
+    # all together in interleaved rounds.
+    failed: dict[tuple[int, int, int, str, str], str] = {}
+    calls: dict[str, tuple[Callable, torch.Tensor]] = {}
+    for (n, k, m, dtype), job in jobs.items():
+        todo = [f for f in sorted(job["formats"]) if timing_key(f, n, k, m, dtype) not in table]
+        if not todo:
+            continue
+        module = job["module"]
+        weight = float_weight(module).detach()
+        x = torch.randn(m, k, device=weight.device).to(getattr(torch, dtype))
+        for fmt in todo:
+            try:
+                if fmt == UNQUANTIZED:
+                    fn = _float_linear(weight, module.bias, x.dtype)
+                else:
+                    fn = quantize_layer(weight, module.bias, fmt)
+                with torch.no_grad():
+                    fn(x)  # a kernel that fails on this shape is isolated here
+            except Exception as err:
+                failed[(n, k, m, dtype, fmt)] = f"timing raised {type(err).__name__}: {err}"
+                continue
+            calls[timing_key(fmt, n, k, m, dtype)] = (fn, x)
+    if report is not None:
+        report(0.5, f"timing {len(calls)} (format, shape) pairs, {len(jobs)} shapes")
+
+    def timing_report(fraction: float, message: str) -> None:
+        if report is not None:
+            report(0.5 + 0.5 * fraction, message)
+
+    new = time_calls(calls, report=timing_report)
+    table.update(new)
+
+    latency: dict[str, dict[str, float]] = {}
+    for name in layers:
+        layer_prof = prof.layers[name]
+        n = layer_prof.out_features
+        latency[name] = {}
+        for fmt in valid[name]:
+            total = 0.0
+            for (m, k), count in layer_prof.shapes.items():
+                key = (n, k, bucket_m(m), layer_prof.dtype, fmt)
+                if key in failed:
+                    dropped[name][fmt] = failed[key]
+                    break
+                total += count * table[timing_key(fmt, *key[:4])]
+            else:
+                latency[name][fmt] = total / max(prof.num_batches, 1)
+    if report is not None:
+        report(1.0, f"{len(jobs)} shapes, {len(new)} timings measured")
+    return BenchResult(latency, dropped, new)

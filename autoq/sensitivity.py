@@ -1,0 +1,265 @@
+"""Sensitivity: how much the model's output suffers when one layer alone is quantized.
+
+For layer ``l`` and format ``f``, with ``Y_l`` the layer's float output on a scoring batch and
+``Y_l^f`` the output of the real quantized module (``quantize_layer``) on the same recorded input
+``X_l``, the perturbation is ``ΔY = Y_l^f - Y_l``. First order: the gradients are taken at the
+unquantized model, so one backward pass gives ``∂L/∂Y_l`` for every layer at once, and each layer
+is scored as if perturbed alone.
+
+Which ``L``:
+
+- ``loss_fn(output, batch)`` when given, or the model's own loss when the batch carries
+  ``labels``: ``S(l, f) = Σ (∂L/∂Y_l ⊙ ΔY)²`` summed over elements and scoring batches (the
+  diagonal-Fisher score ModelOpt's auto_quantize uses).
+- otherwise random probes. An output-matching loss such as ``||out - out_float||²`` has a zero
+  gradient at the unquantized model, so it says nothing to first order. Instead, for Gaussian
+  ``r`` (one per probe, ``PROBES`` = 8 by default) the projection ``L_r = r · out`` has
+  ``∂L_r/∂Y_l = J_lᵀ r`` (``J_l`` the Jacobian of the output with respect to ``Y_l``), so
+  ``E_r[(∂L_r/∂Y_l · ΔY)²] = ||J_l ΔY||²``: the squared output damage of the perturbation,
+  linearised. The score is the mean over probes of ``(g_r · ΔY)²`` — the *squared dot product*,
+  taken per sample (samples of a batch do not interact, so cross-sample terms only add noise) —
+  summed over samples and batches. ``out`` is the model's ``logits`` or ``last_hidden_state`` (else
+  its first tensor); when the batch has an ``attention_mask`` of matching shape, padded positions
+  get a zero probe so padding never counts.
+
+On all-MiniLM-L6-v2 (int4_g128), the probe score ranks layers against their measured
+single-layer damage better than the elementwise formula applied to a probe loss, and much better
+than plain weight error (see ``tests/test_search.py``).
+
+Memory: inputs ``X_l`` and the probe gradients of every layer for one batch are held (model
+parameters are frozen during the pass so no weight gradients are kept); perturbed outputs are
+computed one layer and one format at a time. Each layer's quantized modules are kept for the
+stage so every batch reuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from autoq.calibration import Batch, run_batch, to_device
+from autoq.modules import quantize_layer
+from autoq.profile import eval_mode, model_device
+from autoq.swap import _parents_of, float_weight
+
+Report = Callable[[float, str], None]
+LossFn = Callable[[object, Batch], torch.Tensor]
+
+PROBES = 8
+UNQUANTIZED = "none"
+
+
+def output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output is judged by: logits, last hidden state or the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    values = list(output.values()) if isinstance(output, Mapping) else output
+    if isinstance(values, list | tuple):
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+    raise TypeError(f"cannot find an output tensor in a {type(output).__name__}; pass loss_fn=")
+
+
+def output_mask(out: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """``attention_mask`` broadcastable to ``out`` when the batch has one of matching shape."""
+    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        mask = batch["attention_mask"]
+        if out.dim() >= mask.dim() and tuple(out.shape[:mask.dim()]) == tuple(mask.shape):
+            return mask.to(out.dtype).reshape(*mask.shape, *([1] * (out.dim() - mask.dim())))
+    return None
+
+
+def model_loss(output, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor | None:
+    """The scalar loss to score with, or ``None`` when random probes should be used."""
+    if loss_fn is not None:
+        return loss_fn(output, batch)
+    if isinstance(batch, dict) and "labels" in batch:
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            return loss
+    return None
+
+
+class _FrozenParameters:
+    """Turn off ``requires_grad`` on every parameter for the duration, then restore it."""
+
+    def __init__(self, model: nn.Module):
+        self.params = list(model.parameters())
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _per_sample_dot(g: torch.Tensor, dy: torch.Tensor, batch_size: int) -> torch.Tensor:
+    prod = (g.float() * dy.float())
+    if prod.dim() >= 2 and prod.shape[0] == batch_size:
+        return prod.reshape(batch_size, -1).sum(dim=1)
+    return prod.sum().reshape(1)
+
+
+def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Module], loss_fn: LossFn | None,
+                      probes: int, generator: torch.Generator):
+    """One forward with every layer's input and output recorded, then the backward pass(es).
+
+    Returns ``(calls, grads, batch_size)``: ``calls`` lists ``(layer, input, float output)`` per
+    layer call; ``grads[p][j]`` is the gradient for call ``j`` under probe ``p`` (one entry
+    when a real loss is used); ``batch_size`` is 0 for a real loss (elementwise score).
+    """
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            if not output.requires_grad:  # nothing upstream needs a gradient: start the graph here
+                output = output.detach().requires_grad_(True)
+            calls.append((name, args[0].detach(), output))
+            return output
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        with eval_mode(model), _FrozenParameters(model), torch.enable_grad():
+            output = run_batch(model, batch)
+            tensors = [y for _, _, y in calls]
+            loss = model_loss(output, batch, loss_fn)
+            if loss is not None:
+                grads = [torch.autograd.grad(loss, tensors, allow_unused=True)]
+                batch_size = 0
+            else:
+                out = output_tensor(output)
+                mask = output_mask(out, batch)
+                batch_size = out.shape[0] if out.dim() >= 2 else 1
+                grads = []
+                for p in range(probes):
+                    r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+                    if mask is not None:
+                        r = r * mask
+                    grads.append(torch.autograd.grad((r * out).sum(), tensors, allow_unused=True,
+                                                     retain_graph=p < probes - 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return [(name, x, y.detach()) for name, x, y in calls], grads, batch_size
+
+
+def score(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    layers: dict[str, nn.Module],
+    candidates: Mapping[str, Sequence[str]],
+    *,
+    loss_fn: LossFn | None = None,
+    probes: int = PROBES,
+    seed: int = 0,
+    report: Report | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{layer: {format: S}}`` for every candidate format of every layer (``none`` scores 0)."""
+    if probes < 1:
+        raise ValueError(f"probes must be at least 1, got {probes}")
+    device = model_device(model)
+    scores = {name: {fmt: 0.0 for fmt in candidates[name]} for name in layers}
+    quantized: dict[tuple[str, str], nn.Module] = {}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = len(batches) * max(len(layers), 1)
+
+    for b, batch in enumerate(batches):
+        calls, grads, batch_size = _record_gradients(model, to_device(batch, device), layers, loss_fn,
+                                                     probes, generator)
+        for li, (name, module) in enumerate(layers.items()):
+            mine = [j for j, call in enumerate(calls) if call[0] == name]
+            for fmt in candidates[name]:
+                if fmt == UNQUANTIZED:
+                    continue
+                qmodule = quantized.get((name, fmt))
+                if qmodule is None:
+                    qmodule = quantized[(name, fmt)] = quantize_layer(
+                        float_weight(module).detach(), module.bias, fmt)
+                for j in mine:
+                    _, x, y = calls[j]
+                    with torch.no_grad():
+                        dy = qmodule(x).float() - y.float()
+                        for probe_grads in grads:
+                            g = probe_grads[j]
+                            if g is None:
+                                continue
+                            if batch_size:  # random probes: squared dot product per sample
+                                s = _per_sample_dot(g, dy, batch_size).pow(2).sum() / len(grads)
+                            else:  # a real loss: elementwise (diagonal Fisher)
+                                s = (g.float() * dy).pow(2).sum()
+                            scores[name][fmt] += float(s)
+                    del dy
+            if report is not None:
+                report((b * len(layers) + li + 1) / total, f"batch {b + 1}/{len(batches)}: {name}")
+        del calls, grads
+    return scores
+
+
+class LossEvaluator:
+    """The real end-to-end loss of an assignment on held-out batches (for refinement and tests).
+
+    Without ``loss_fn`` or labels the loss is the relative output error
+    ``Σ ||(out_q - out) · mask||² / Σ ||out · mask||²`` against the float model. Quantized
+    modules are built once per (layer, format) and swapped into the model only while a batch
+    runs; the model is restored afterwards.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], layers: dict[str, nn.Module],
+                 loss_fn: LossFn | None = None):
+        self.model = model
+        self.device = model_device(model)
+        self.batches = [to_device(b, self.device) for b in batches]
+        self.layers = layers
+        self.loss_fn = loss_fn
+        self.parents = _parents_of(model)
+        self.quantized: dict[tuple[str, str], nn.Module] = {}
+        with eval_mode(model), torch.no_grad():
+            self.reference = [run_batch(model, b) for b in self.batches]
+
+    def _swap(self, replacement: dict[str, nn.Module]) -> None:
+        for name, new in replacement.items():
+            for parent, attr in self.parents[id(self.layers[name])]:
+                setattr(parent, attr, new)
+
+    def __call__(self, assignment: Mapping[str, str]) -> float:
+        replacement = {}
+        for name, fmt in assignment.items():
+            if fmt == UNQUANTIZED:
+                continue
+            key = (name, fmt)
+            if key not in self.quantized:
+                module = self.layers[name]
+                self.quantized[key] = quantize_layer(float_weight(module).detach(), module.bias, fmt)
+            replacement[name] = self.quantized[key]
+        self._swap(replacement)
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                losses, err, ref_norm = [], 0.0, 0.0
+                for batch, reference in zip(self.batches, self.reference, strict=True):
+                    output = run_batch(self.model, batch)
+                    loss = model_loss(output, batch, self.loss_fn)
+                    if loss is not None:
+                        losses.append(float(loss))
+                        continue
+                    out, ref = output_tensor(output).float(), output_tensor(reference).float()
+                    mask = output_mask(ref, batch)
+                    if mask is not None:
+                        out, ref = out * mask, ref * mask
+                    err += float((out - ref).pow(2).sum())
+                    ref_norm += float(ref.pow(2).sum())
+        finally:
+            self._swap({name: self.layers[name] for name in replacement})
+        if losses:
+            return sum(losses) / len(losses)
+        return err / max(ref_norm, 1e-30)
