@@ -46,36 +46,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.fixture
-def packed_zero_points_on_load(monkeypatch):
-    """Work around a compressed-tensors 0.20 bug that transformers 5.24 hits.
-
-    To load a checkpoint, transformers builds compressed modules on the meta device; for those,
-    ``PackedQuantizationCompressor.compress`` leaves the zero point unpacked ``[N, groups]`` int8,
-    while the same compressor writes checkpoints (and vLLM reads them) packed ``[N / 8, groups]``
-    int32. So asymmetric int4 checkpoints, compressed-tensors' own included, fail to load with a
-    size mismatch. This gives the meta modules the packed shape the checkpoint and compressed-
-    tensors' own decompressor use; it changes nothing when the zero point is already packed.
-    """
-    original = PackedQuantizationCompressor.compress.__func__
-
-    def compress(cls, state_dict, scheme):
-        out = original(cls, state_dict, scheme)
-        zero_point = out.get("weight_zero_point")
-        if (
-            zero_point is not None
-            and zero_point.device.type == "meta"
-            and zero_point.dtype != torch.int32
-        ):
-            rows = math.ceil(zero_point.shape[0] * scheme.weights.num_bits / 32)
-            out["weight_zero_point"] = torch.empty(
-                (rows, zero_point.shape[1]), dtype=torch.int32, device="meta"
-            )
-        return out
-
-    monkeypatch.setattr(PackedQuantizationCompressor, "compress", classmethod(compress))
-
-
 def reference_output(model, monkeypatch, *args, **kwargs):
     """autoq's numbers: the reference backend (exact fp32 dequantization, as transformers does)."""
     monkeypatch.setenv("AUTOQ_BACKEND", "reference")
@@ -191,7 +161,7 @@ def test_scheme_per_format_and_config_groups():
 # --------------------------------------------------------------------------- round trips
 
 
-def test_llama_weight_only_round_trip(tmp_path, monkeypatch, packed_zero_points_on_load):
+def test_llama_weight_only_round_trip(tmp_path, monkeypatch):
     model = tiny_llama()
     plan = Plan(cycle_plan(model, WEIGHT_ONLY))
     autoq.apply(model, plan)
@@ -223,7 +193,7 @@ def test_llama_weight_only_round_trip(tmp_path, monkeypatch, packed_zero_points_
 
 
 def test_minilm_every_format_round_trip(
-    minilm, minilm_tokenizer, unseen_batch, tmp_path, monkeypatch, packed_zero_points_on_load
+    minilm, minilm_tokenizer, unseen_batch, tmp_path, monkeypatch
 ):
     plan = minilm_plan(minilm)
     assert set(plan.values()) == set(autoq.formats.names())
@@ -269,7 +239,7 @@ def test_tied_head_is_left_out_and_retied(tmp_path):
         assert torch.equal(loaded(ids).logits, expected)
 
 
-def test_sharded_checkpoint(tmp_path, monkeypatch, packed_zero_points_on_load):
+def test_sharded_checkpoint(tmp_path, monkeypatch):
     model = tiny_llama()
     autoq.apply(model, cycle_plan(model, ["int8_dynamic", "int4_g32", "int8_weight_only"]))
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -491,3 +461,18 @@ def test_plan_that_splits_fused_layers_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"k_proj=int8_weight_only.*vLLM fuses"):
         autoq.save_quantized(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+
+
+def test_compat_patch_is_installed_for_transformers_loading():
+    """autoq.compat packs meta zero points so plain from_pretrained loads asymmetric int4."""
+    assert getattr(PackedQuantizationCompressor, "_autoq_packs_meta_zero_point", False)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights={"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32},
+    )
+    meta = {"weight": torch.empty(64, 128, device="meta"),
+            "weight_scale": torch.empty(64, 4, device="meta"),
+            "weight_zero_point": torch.empty(64, 4, dtype=torch.int8, device="meta")}
+    out = PackedQuantizationCompressor.compress(meta, scheme)
+    assert out["weight_zero_point"].shape == (math.ceil(64 * 4 / 32), 4)
+    assert out["weight_zero_point"].dtype == torch.int32

@@ -16,7 +16,10 @@ from pathlib import Path
 
 from torch import nn
 
+from autoq import compat
 from autoq.checkpoint import compressed_tensors, native
+
+compat.install()  # lets transformers load asymmetric int4 compressed-tensors checkpoints
 
 Writer = Callable[..., Path]
 Reader = Callable[..., nn.Module]
