@@ -1,0 +1,159 @@
+"""The ``autoq`` command line.
+
+    autoq quantize MODEL --bits B --out DIR [--formats F,...] [--objective O] [--calib FILE] [--plan PLAN.json]
+    autoq plan show PLAN.json
+    autoq plan resolve PLAN.json --bits B [--objective O] [--out NEW.json]
+
+MODEL is ``bundled:minilm`` or a local Hugging Face model directory. Progress bars go to stderr,
+the summary table to stdout; bad input gives a one-line error and exit status 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from autoq.solve import DEFAULT_BUDGET, OBJECTIVES
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Automatic per-layer quantization search for PyTorch models.")
+plan_app = typer.Typer(no_args_is_help=True, help="Inspect a plan or re-solve it for another budget.")
+app.add_typer(plan_app, name="plan")
+
+out = Console()
+err = Console(stderr=True)
+
+# Errors that come from what the user typed or pointed at (not bugs): message, exit status 1.
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
+                UnicodeDecodeError)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _split_formats(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    return names or None
+
+
+def read_calibration(path: Path | None) -> list[str]:
+    """Sentences from a text file (one per line), or autoq's bundled sentences."""
+    from autoq.calibration import bundled_texts
+
+    if path is None:
+        return bundled_texts()
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"calibration file {path} has no non-empty lines; put one sentence per line")
+    return texts
+
+
+def quantize_model(model_spec: str, *, bits: float | None = None, out_dir: Path | None = None,
+                   formats: list[str] | None = None, objective: str = "balanced",
+                   calibration_texts: list[str] | None = None, plan_path: Path | None = None,
+                   cache_dir: Path | None = None, progress: bool = True):
+    """Load, search (or load ``plan_path``), apply and save. Returns ``(model, tokenizer, plan)``.
+
+    The code path of ``autoq quantize`` and of ``python -m autoq.demo``.
+    """
+    from autoq.api import apply, search
+    from autoq.calibration import bundled_texts, text_batches
+    from autoq.checkpoint import save_quantized
+    from autoq.models import load_model
+    from autoq.plan import Plan
+
+    plan = Plan.load(plan_path) if plan_path is not None else None
+    model, tokenizer = load_model(model_spec)
+    if plan is None:
+        if tokenizer is None:
+            raise ValueError(f"{model_spec} has no tokenizer files, so calibration text cannot be tokenized; "
+                             "add the tokenizer to the model directory")
+        batches = text_batches(calibration_texts or bundled_texts(), tokenizer)
+        plan = search(model, batches, effective_bits=bits, formats=formats, objective=objective,
+                      cache_dir=str(cache_dir) if cache_dir is not None else None, progress=progress)
+    apply(model, plan)
+    if out_dir is not None:
+        save_quantized(model, out_dir, tokenizer, plan=plan)
+    return model, tokenizer, plan
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="bundled:minilm or a local Hugging Face model directory"),
+    bits: float = typer.Option(DEFAULT_BUDGET, "--bits", "-b", help="effective bits budget"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="directory for the quantized checkpoint"),
+    formats: list[str] = typer.Option(None, "--formats", "-f",
+                                      help="candidate formats, comma separated or repeated (default: all)"),
+    objective: str = typer.Option("balanced", "--objective", help=f"one of {', '.join(OBJECTIVES)}"),
+    calib: Path = typer.Option(None, "--calib", help="calibration text file, one sentence per line"),
+    plan_path: Path = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="plan cache (default: $AUTOQ_CACHE_DIR "
+                                   "or the per-user cache directory)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Search the best format per layer, quantize, and write the checkpoint with plan.json."""
+    from autoq.solve import InfeasibleBudget
+
+    if objective not in OBJECTIVES:
+        raise _fail(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    try:
+        texts = read_calibration(calib) if plan_path is None else None
+        _, _, plan = quantize_model(model, bits=bits, out_dir=out_dir, formats=_split_formats(formats),
+                                    objective=objective, calibration_texts=texts, plan_path=plan_path,
+                                    cache_dir=cache_dir, progress=not quiet)
+    except InfeasibleBudget as e:
+        raise _fail(f"{e}; pass --bits {e.smallest:.2f} or more") from None
+    except INPUT_ERRORS as e:
+        raise _fail(str(e)) from None
+    out.print(plan.summary(width=max(out.width, 100)), end="", highlight=False)
+    out.print(f"{'reused cached plan' if plan.from_cache else 'plan'} {plan.cache_key}; "
+              f"checkpoint and plan.json written to {out_dir}", highlight=False)
+
+
+@plan_app.command("show")
+def plan_show(path: Path = typer.Argument(..., help="a plan.json")) -> None:
+    """Print a plan as a table."""
+    from autoq.plan import Plan
+
+    try:
+        plan = Plan.load(path)
+    except INPUT_ERRORS as e:
+        raise _fail(str(e)) from None
+    out.print(plan.summary(width=max(out.width, 100)), end="", highlight=False)
+
+
+@plan_app.command("resolve")
+def plan_resolve(
+    path: Path = typer.Argument(..., help="a plan.json"),
+    bits: float = typer.Option(..., "--bits", "-b", help="new effective bits budget"),
+    objective: str = typer.Option(None, "--objective", help=f"one of {', '.join(OBJECTIVES)} "
+                                  "(default: the plan's)"),
+    new_path: Path = typer.Option(None, "--out", "-o", help="write the new plan here"),
+) -> None:
+    """Re-solve a plan for another budget or objective from its stored statistics (no model)."""
+    from autoq.api import resolve
+    from autoq.plan import Plan
+    from autoq.solve import InfeasibleBudget
+
+    try:
+        plan = resolve(Plan.load(path), effective_bits=bits, objective=objective)
+    except InfeasibleBudget as e:
+        raise _fail(f"{e}; pass --bits {e.smallest:.2f} or more") from None
+    except INPUT_ERRORS as e:
+        raise _fail(str(e)) from None
+    out.print(plan.summary(width=max(out.width, 100)), end="", highlight=False)
+    if new_path is not None:
+        plan.save(new_path)
+        out.print(f"written to {new_path}", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
