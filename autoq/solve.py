@@ -184,25 +184,33 @@ class _Program:
 
     def minimise(self, primary: np.ndarray, secondary: np.ndarray, limits: list[tuple[np.ndarray, float]]
                  ) -> np.ndarray | None:
-        """Binary x minimising primary·x (+ a tiny secondary·x) with row·x <= limit; None if infeasible."""
+        """Binary x minimising primary·x (+ a tiny secondary·x) with row·x <= limit; None if infeasible.
+
+        Each limit is tightened by a hair (1e-6 relative) so that HiGHS's feasibility tolerance
+        (1e-7) can never return a plan a rounding error over budget; the result is checked
+        exactly and, should a limit still be exceeded, solved again with a wider margin.
+        """
         c = _normalised(primary) + _TIE * _normalised(secondary)
-        constraints = [LinearConstraint(self.one_hot, 1.0, 1.0)]
-        for row, limit in limits:
-            scale = max(float(np.abs(row).max()), 1e-30)
-            # A hair inside the limit so HiGHS's feasibility tolerance never lets it be exceeded.
-            constraints.append(LinearConstraint((row / scale)[None, :], -np.inf,
-                                                limit / scale - 1e-9 * max(1.0, abs(limit / scale))))
         n = len(self.variables)
-        # Presolve off: on these small programs HiGHS 1.12's presolve-postsolve path returned a
-        # slightly suboptimal assignment (checked against an exact dynamic program).
-        with _quiet_c_stdout():
-            result = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
-                          options={"mip_rel_gap": 0.0, "presolve": False})
-        if result.status == 2 or result.x is None:  # 2: infeasible
-            return None
-        if result.status != 0:
-            raise RuntimeError(f"the integer program did not solve: {result.message}")
-        return np.round(result.x)
+        for margin in (1e-6, 1e-5, 1e-4):
+            constraints = [LinearConstraint(self.one_hot, 1.0, 1.0)]
+            for row, limit in limits:
+                scale = max(float(np.abs(row).max()), 1e-30)
+                bound = limit / scale - margin * max(1.0, abs(limit / scale))
+                constraints.append(LinearConstraint((row / scale)[None, :], -np.inf, bound))
+            # Presolve off: on these small programs HiGHS 1.12's presolve-postsolve path returned
+            # a slightly suboptimal assignment (checked against an exact dynamic program).
+            with _quiet_c_stdout():
+                result = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+                              options={"mip_rel_gap": 0.0, "presolve": False})
+            if result.status == 2 or result.x is None:  # 2: infeasible
+                return None
+            if result.status != 0:
+                raise RuntimeError(f"the integer program did not solve: {result.message}")
+            x = np.round(result.x)
+            if all(float(row @ x) <= limit for row, limit in limits):
+                return x
+        raise RuntimeError("the integer program kept exceeding a limit by more than its tolerance")
 
     def assignment(self, x: np.ndarray) -> dict[str, str]:
         chosen = {key: fmt for (key, fmt), v in zip(self.variables, x, strict=True) if v > 0.5}
@@ -267,16 +275,19 @@ def solve(
     budget_limit = (program.bits, budget)
     notes: list[str] = []
 
-    smallest = program.smallest_bits([])
-    if smallest is None or smallest > budget:
+    best = program.minimise(program.score, program.latency, [budget_limit])
+    if best is None:
+        smallest = program.smallest_bits([])
+        assert smallest is not None  # with no limits every one-hot choice is feasible
+        # Rounded up to 3 decimals (past the solver's 1e-6 safety margin), so it is a budget that works.
+        feasible = math.ceil(smallest * (1 + 2e-6) * 1000) / 1000
         raise InfeasibleBudget(
             f"effective_bits={budget:g} is infeasible: the smallest feasible budget for these layers "
-            f"and formats is {smallest:.3f} bits", smallest if smallest is not None else math.inf)
+            f"and formats is {feasible:.3f} bits", feasible)
 
     if objective == "accuracy":
-        x = program.minimise(program.score, program.latency, [budget_limit])
+        x = best
     elif objective == "speed":
-        best = program.minimise(program.score, program.latency, [budget_limit])
         cap = float(program.score @ best) * score_factor
         cap = max(cap, 1e-12 * max(float(program.score.max()), 1e-30))
         x = program.minimise(program.latency, program.score, [budget_limit, (program.score, cap)])
@@ -299,8 +310,8 @@ def solve(
                 f"limited to the fastest plan + {latency_slack:.0%} instead")
     assignment = program.assignment(x)
     bits = effective_bits(layers, assignment)
-    if bits > budget + 1e-9:  # pragma: no cover - guarded by the margin in minimise
-        raise RuntimeError(f"solver returned {bits:.6f} bits for a {budget} bit budget")
+    if bits > budget:  # pragma: no cover - guarded by the margin in minimise
+        raise RuntimeError(f"solver returned {bits!r} bits for a {budget} bit budget")
     return Solution(assignment, bits, total_score(layers, assignment), total_latency(layers, assignment),
                     base_latency, notes)
 
