@@ -181,7 +181,7 @@ class Plan(BaseModel):
 
         table = Table(title=f"autoq plan: {self.model.architecture}, objective={self.objective}, "
                             f"budget={self.budget:g} bits", title_justify="left")
-        table.add_column("layer", overflow="fold")
+        table.add_column("layer", no_wrap=True)
         table.add_column("shape", justify="right")
         table.add_column("format")
         table.add_column("bits", justify="right")
@@ -194,8 +194,7 @@ class Plan(BaseModel):
             table.add_row(
                 name, f"{layer.out_features}x{layer.in_features}", fmt, f"{layer.bits[fmt]:.2f}",
                 f"{layer_bytes(layer.numel, layer.bits[fmt]):,}", f"{layer.sensitivity[fmt]:.3g}",
-                f"{layer.latency[fmt] * 1e6:.0f} us",
-                ", ".join(f"{f} ({reason})" for f, reason in layer.dropped.items()),
+                f"{layer.latency[fmt] * 1e6:.0f} us", ", ".join(layer.dropped),
             )
         t = self.totals
         buffer = io.StringIO()
@@ -206,6 +205,13 @@ class Plan(BaseModel):
             f"{t.size_bytes / 2**20:.2f} MiB vs {t.size_bytes_unquantized / 2**20:.2f} MiB at 16 bits | "
             f"predicted latency {t.latency * 1e3:.2f} ms vs {t.latency_unquantized * 1e3:.2f} ms "
             f"unquantized ({t.speedup:.2f}x) | score {t.score:.4g}")
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for name, layer in self.layers.items():
+            for fmt, reason in layer.dropped.items():
+                reasons.setdefault((fmt, reason), []).append(name)
+        for (fmt, reason), names in reasons.items():
+            where = names[0] if len(names) == 1 else f"{len(names)} layers ({names[0]}, ...)"
+            console.print(f"dropped {fmt} for {where}: {reason}")
         for note in self.notes:
             console.print(f"note: {note}")
         return buffer.getvalue()
