@@ -225,11 +225,11 @@ async def event_stream(store: Store, job_id: str, after: int) -> AsyncIterator[s
 
 # -- routes ----------------------------------------------------------------------------------
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=errors(401))
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=errors(401, 413))
 
 
 @v1.post("/models", status_code=201, response_model=Model, tags=["models"],
-         responses=errors(400, 413, 422),
+         responses=errors(400, 422),
          openapi_extra={"requestBody": {"required": True, "content": {
              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload_model(
@@ -295,7 +295,7 @@ def delete_model(request: Request, model_id: ModelId) -> Response:
     return Response(status_code=204)
 
 
-@v1.post("/jobs", status_code=202, response_model=Job, tags=["jobs"], responses=errors(422))
+@v1.post("/jobs", status_code=202, response_model=Job, tags=["jobs"], responses=errors(400, 422))
 def create_job(
     body: JobCreate,
     request: Request,
