@@ -104,6 +104,14 @@ def _loss_identity(loss_fn) -> str | None:
         make_key(body)
 
 
+def _loss_description(loss_fn, batches: Sequence, probes: int) -> str:
+    if loss_fn is not None:
+        return f"loss_fn {_loss_identity(loss_fn)}"
+    if all(isinstance(b, dict) and "labels" in b for b in batches):
+        return "the model's own loss (batches carry labels)"
+    return f"random output probes ({probes})"
+
+
 # ------------------------------------------------------------------------------- the stages
 
 
@@ -143,7 +151,7 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
         autoq_version=hardware["autoq"], model=model_info, calibration=calibration,
         num_batches=len(batches), hardware=hardware, formats=fmts,
         settings={"probes": probes, "seed": seed, "sqnr_floor_db": bench.SQNR_FLOOR_DB,
-                  "m_bucketing": "next power of two", "loss": _loss_identity(loss_fn) or "random probes"},
+                  "m_bucketing": "next power of two", "loss": _loss_description(loss_fn, batches, probes)},
         stage_seconds=seconds, layers=stats)
 
 

@@ -22,8 +22,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 plan_app = typer.Typer(no_args_is_help=True, help="Inspect a plan or re-solve it for another budget.")
 app.add_typer(plan_app, name="plan")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 # Errors that come from what the user typed or pointed at (not bugs): message, exit status 1.
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,

@@ -43,7 +43,7 @@ def main() -> None:
     from autoq.models import load_model
     from autoq.plan import layer_bytes
 
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 100), soft_wrap=True)
     start = time.perf_counter()
     model, tokenizer, plan = quantize_model("bundled:minilm", out_dir=OUT_DIR)
     seconds = time.perf_counter() - start
