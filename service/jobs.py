@@ -16,6 +16,7 @@ import tarfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ class Reporter:
         self._write("progress", message)
 
     def close_stage(self) -> None:
-        if self.stage is not None:
+        if self.stage is not None and not self.monitor.lost.is_set():
             seconds = time.monotonic() - self.stage_started
             self.store.record_stage_time(self.job_id, self.stage, round(seconds, 4))
             self.stage = None
@@ -158,20 +159,17 @@ def run_job(settings: Settings, store: Store, job: JobRow, worker_id: str) -> st
         reporter = Reporter(store, job.id, worker_id, monitor)
         try:
             result = execute(settings, job, reporter)
-            reporter.close_stage()
             status, message, error = SUCCEEDED, result.pop("message"), None
         except Interrupted as e:
-            reporter.close_stage()
             if e.reason == "lost":
                 log.warning("job %s: another worker owns it now; stopping", job.id)
                 return "lost"
             status, message, error, result = CANCELLED, "cancelled", None, {}
         except Exception as e:
             log.exception("job %s failed", job.id)
-            reporter.close_stage()
-            status, message, result = FAILED, "failed", {}
-            error = readable_error(e, settings)
+            status, message, error, result = FAILED, "failed", readable_error(e, settings), {}
         finally:
+            reporter.close_stage()
             remove_partial_artifacts(settings, job.id)
     if not store.finish(job.id, worker_id, status, message=message, error=error, **result):
         log.warning("job %s: lost before it could be marked %s", job.id, status)
@@ -224,7 +222,7 @@ def execute(settings: Settings, job: JobRow, reporter: Reporter) -> dict[str, An
 
 
 def write_artifact(settings: Settings, job_id: str, model: Any, tokenizer: Any, plan: Any,
-                   export_format: str | None, check: Any) -> tuple[str, int]:
+                   export_format: str | None, check: Callable[[], None]) -> tuple[str, int]:
     """Save the checkpoint as one tar (plus plan.json) into ``<artifacts>/<job id>/``.
 
     Everything is written into a temporary sibling directory first and renamed into place, so a

@@ -13,7 +13,6 @@ from autoq.solve import OBJECTIVES
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
-ID_PATTERN = r"^[a-z]+_[0-9a-f]{32}$"
 JOB_ID = r"^job_[0-9a-f]{32}$"
 MODEL_ID = r"^mdl_[0-9a-f]{32}$"
 

@@ -39,6 +39,9 @@ SENTENCES = [
     "The research group published its results in an open journal.",
     "Several streets were closed for the marathon on Sunday morning.",
 ]
+# A tiny-model job that runs for seconds: the refinement stage evaluates 200 candidate plans,
+# reporting progress (and so checking for cancellation) after each.
+LONG_JOB = {"refine_trials": 200, "calibration": {"texts": SENTENCES * 2}}
 UPLOAD_LIMIT = 5_000_000
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -371,7 +374,7 @@ def test_idempotent_submit(client, tiny_model):
 
 
 def test_cancel_and_delete(client, tiny_model):
-    running = submit(client, {"model": tiny_model, "effective_bits": 6, "refine_trials": 200})
+    running = submit(client, {"model": tiny_model, "effective_bits": 6, **LONG_JOB})
     wait_for(client, running["id"], {RUNNING}, stage="refine", timeout=60)
     queued = submit(client, {"model": tiny_model, "effective_bits": 3})
     assert client.get(f"/v1/jobs/{queued['id']}").json()["status"] == QUEUED
@@ -443,8 +446,7 @@ def test_kill9_mid_job_then_restart(tmp_path, tiny_dir):
     try:
         with first.client() as client:
             model = client.post("/v1/models", content=tar_bytes(tiny_dir), headers=OCTET).json()
-            running = submit(client, {"model": model["id"], "effective_bits": 6,
-                                      "refine_trials": 150})
+            running = submit(client, {"model": model["id"], "effective_bits": 6, **LONG_JOB})
             wait_for(client, running["id"], {RUNNING}, stage="refine", timeout=60)
             queued = submit(client, {"model": model["id"], "effective_bits": 5})
         first.kill9()
@@ -468,6 +470,22 @@ def test_kill9_mid_job_then_restart(tmp_path, tiny_dir):
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_graceful_stop_requeues_the_running_job(tmp_path, tiny_dir):
+    # A long lease: only the shutdown itself can put the job back in the queue.
+    server = Server(tmp_path / "data", lease_seconds=300).start()
+    try:
+        with server.client() as client:
+            model = client.post("/v1/models", content=tar_bytes(tiny_dir), headers=OCTET).json()
+            job = submit(client, {"model": model["id"], "effective_bits": 6, **LONG_JOB})
+            wait_for(client, job["id"], {RUNNING}, stage="refine", timeout=60)
+    finally:
+        server.stop()
+    assert not server.group_alive()
+    row = Store(f"sqlite:///{tmp_path / 'data' / 'autoq.db'}").get_job(job["id"])
+    assert row.status == QUEUED and row.attempts == 0  # a shutdown is not the job's fault
+    assert "shut down" in row.message and row.worker_id is None
 
 
 # -- authentication and binding ---------------------------------------------------------------
