@@ -10,7 +10,6 @@ files and Python code are refused, since we never unpickle uploads nor run their
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -217,14 +216,6 @@ def check_safetensors_header(path: Path) -> None:
             raise ModelDirError(f"{path.name} is not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise ModelDirError(f"{path.name} is not a safetensors file (bad header)")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove_tree(path: Path) -> None:
