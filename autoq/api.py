@@ -133,8 +133,8 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
 
     start = time.perf_counter()
     candidates = {name: [f for f in fmts if f in timed.latency[name]] for name in layers}
-    scores = sensitivity.score(model, batches, layers, candidates, loss_fn=loss_fn, probes=probes,
-                               seed=seed, report=_stage(report, "sensitivity"))
+    scores, failed = sensitivity.score(model, batches, layers, candidates, loss_fn=loss_fn, probes=probes,
+                                       seed=seed, report=_stage(report, "sensitivity"))
     seconds["sensitivity"] = time.perf_counter() - start
 
     stats = {}
@@ -145,8 +145,9 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
             out_features=out_features, in_features=in_features, numel=out_features * in_features,
             dtype=lp.dtype or "unknown",
             shapes=[ShapeCount(m=m, k=k, count=c) for (m, k), c in sorted(lp.shapes.items())],
-            bits={f: formats.get(f).storage_bits(out_features, in_features) for f in candidates[name]},
-            latency=timed.latency[name], sensitivity=scores[name], dropped=timed.dropped[name])
+            bits={f: formats.get(f).storage_bits(out_features, in_features) for f in scores[name]},
+            latency={f: t for f, t in timed.latency[name].items() if f in scores[name]},
+            sensitivity=scores[name], dropped={**timed.dropped[name], **failed[name]})
     return SearchStats(
         autoq_version=hardware["autoq"], model=model_info, calibration=calibration,
         num_batches=len(batches), hardware=hardware, formats=fmts,

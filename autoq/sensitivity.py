@@ -34,6 +34,7 @@ stage so every batch reuses them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -154,6 +155,25 @@ def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Modul
     return [(name, x, y.detach()) for name, x, y in calls], grads, batch_size
 
 
+def _layer_format_score(qmodule: nn.Module, calls: list, mine: list[int], grads: list, batch_size: int) -> float:
+    """This batch's S for one layer and format: one perturbed output at a time."""
+    total = 0.0
+    for j in mine:
+        _, x, y = calls[j]
+        with torch.no_grad():
+            dy = qmodule(x).float() - y.float()
+            for probe_grads in grads:
+                g = probe_grads[j]
+                if g is None:  # the output does not depend on this call
+                    continue
+                if batch_size:  # random probes: squared dot product per sample
+                    total += float(_per_sample_dot(g, dy, batch_size).pow(2).sum()) / len(grads)
+                else:  # a real loss: elementwise (diagonal Fisher)
+                    total += float((g.float() * dy).pow(2).sum())
+        del dy
+    return total
+
+
 def score(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -164,12 +184,15 @@ def score(
     probes: int = PROBES,
     seed: int = 0,
     report: Report | None = None,
-) -> dict[str, dict[str, float]]:
-    """``{layer: {format: S}}`` for every candidate format of every layer (``none`` scores 0)."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+    """``({layer: {format: S}}, {layer: {format: reason}})``: the score of every candidate format
+    of every layer (``none`` scores 0), and the formats dropped because running them on the
+    recorded inputs raised or gave a non-finite score."""
     if probes < 1:
         raise ValueError(f"probes must be at least 1, got {probes}")
     device = model_device(model)
     scores = {name: {fmt: 0.0 for fmt in candidates[name]} for name in layers}
+    dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
     quantized: dict[tuple[str, str], nn.Module] = {}
     generator = torch.Generator(device=device).manual_seed(seed)
     total = len(batches) * max(len(layers), 1)
@@ -180,30 +203,28 @@ def score(
         for li, (name, module) in enumerate(layers.items()):
             mine = [j for j, call in enumerate(calls) if call[0] == name]
             for fmt in candidates[name]:
-                if fmt == UNQUANTIZED:
+                if fmt == UNQUANTIZED or fmt in dropped[name]:
                     continue
-                qmodule = quantized.get((name, fmt))
-                if qmodule is None:
-                    qmodule = quantized[(name, fmt)] = quantize_layer(
-                        float_weight(module).detach(), module.bias, fmt)
-                for j in mine:
-                    _, x, y = calls[j]
-                    with torch.no_grad():
-                        dy = qmodule(x).float() - y.float()
-                        for probe_grads in grads:
-                            g = probe_grads[j]
-                            if g is None:
-                                continue
-                            if batch_size:  # random probes: squared dot product per sample
-                                s = _per_sample_dot(g, dy, batch_size).pow(2).sum() / len(grads)
-                            else:  # a real loss: elementwise (diagonal Fisher)
-                                s = (g.float() * dy).pow(2).sum()
-                            scores[name][fmt] += float(s)
-                    del dy
+                try:
+                    qmodule = quantized.get((name, fmt))
+                    if qmodule is None:
+                        qmodule = quantized[(name, fmt)] = quantize_layer(
+                            float_weight(module).detach(), module.bias, fmt)
+                    s = _layer_format_score(qmodule, calls, mine, grads, batch_size)
+                except Exception as err:  # a kernel failing on these inputs drops the format
+                    dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
+                    continue
+                if not math.isfinite(s):
+                    dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
+                    continue
+                scores[name][fmt] += s
             if report is not None:
                 report((b * len(layers) + li + 1) / total, f"batch {b + 1}/{len(batches)}: {name}")
         del calls, grads
-    return scores
+    for name in layers:
+        for fmt in dropped[name]:
+            scores[name].pop(fmt, None)
+    return scores, dropped
 
 
 class LossEvaluator:

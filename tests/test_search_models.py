@@ -160,3 +160,23 @@ def test_refinement_measures_real_loss_and_stores_a_resumable_study(tmp_path):
     summaries = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'refine.db'}")
     assert [s.n_trials for s in summaries] == [6]
     assert summaries[0].study_name == f"autoq-{plan.cache_key}"
+
+
+def test_a_format_failing_while_scoring_is_dropped(tmp_path, monkeypatch):
+    from autoq import sensitivity
+
+    real = sensitivity.quantize_layer
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no kernel for this input")
+
+    def flaky(weight, bias, fmt, quantized=None):
+        return Broken() if fmt == "int8_weight_only" else real(weight, bias, fmt, quantized)
+
+    monkeypatch.setattr(sensitivity, "quantize_layer", flaky)
+    plan = search(TwoLayers(k=64), torch.randn(4, 8, 64), effective_bits=9.0, cache_dir=tmp_path, progress=False)
+    for layer in plan.layers.values():
+        assert "while scoring: no kernel for this input" in layer.dropped["int8_weight_only"]
+        assert "int8_weight_only" not in layer.sensitivity and "int8_weight_only" not in layer.bits
+        assert layer.format != "int8_weight_only"
