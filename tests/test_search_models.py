@@ -180,3 +180,32 @@ def test_a_format_failing_while_scoring_is_dropped(tmp_path, monkeypatch):
         assert "while scoring: no kernel for this input" in layer.dropped["int8_weight_only"]
         assert "int8_weight_only" not in layer.sensitivity and "int8_weight_only" not in layer.bits
         assert layer.format != "int8_weight_only"
+
+
+def test_scoring_checkpoints_hf_blocks_with_identical_scores(monkeypatch):
+    import torch.utils.checkpoint as checkpoint_module
+
+    from autoq import sensitivity
+    from autoq.swap import quantizable_layers
+
+    model = tiny_llama(seed=2)
+    layers = quantizable_layers(model)
+    candidates = {n: ["none", "int8_dynamic", "int4_g64"] for n in layers}
+    batches = token_batches(2, seed=2)
+    plain, _ = sensitivity.score(model, batches, layers, candidates, checkpointing=False)
+
+    real = checkpoint_module.checkpoint
+    used = []
+
+    def counting(*args, **kwargs):
+        used.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "checkpoint", counting)
+    checkpointed, _ = sensitivity.score(model, batches, layers, candidates, checkpointing=True)
+    assert used and set(used) == {False}  # every decoder layer, non-reentrant
+    for name in layers:
+        for fmt in ("int8_dynamic", "int4_g64"):
+            assert checkpointed[name][fmt] == pytest.approx(plain[name][fmt], rel=1e-4)
+    assert not model.training and all(not m.training for m in model.modules())
+    assert all(not getattr(m, "gradient_checkpointing", False) for m in model.modules())
