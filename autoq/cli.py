@@ -110,10 +110,10 @@ def quantize(
                                     objective=objective, calibration_texts=texts, plan_path=plan_path,
                                     cache_dir=cache_dir, progress=not quiet)
     except InfeasibleBudget as e:
-        raise _fail(f"{e}; pass --bits {e.smallest:.2f} or more") from None
+        raise _fail(f"{e}; pass --bits {e.smallest:g} or more") from None
     except INPUT_ERRORS as e:
         raise _fail(str(e)) from None
-    out.print(plan.summary(width=max(out.width, 100)), end="", highlight=False)
+    typer.echo(plan.summary(), nl=False)
     out.print(f"{'reused cached plan' if plan.from_cache else 'plan'} {plan.cache_key}; "
               f"checkpoint and plan.json written to {out_dir}", highlight=False)
 
@@ -127,7 +127,7 @@ def plan_show(path: Path = typer.Argument(..., help="a plan.json")) -> None:
         plan = Plan.load(path)
     except INPUT_ERRORS as e:
         raise _fail(str(e)) from None
-    out.print(plan.summary(width=max(out.width, 100)), end="", highlight=False)
+    typer.echo(plan.summary(), nl=False)
 
 
 @plan_app.command("resolve")
@@ -146,10 +146,10 @@ def plan_resolve(
     try:
         plan = resolve(Plan.load(path), effective_bits=bits, objective=objective)
     except InfeasibleBudget as e:
-        raise _fail(f"{e}; pass --bits {e.smallest:.2f} or more") from None
+        raise _fail(f"{e}; pass --bits {e.smallest:g} or more") from None
     except INPUT_ERRORS as e:
         raise _fail(str(e)) from None
-    out.print(plan.summary(width=max(out.width, 100)), end="", highlight=False)
+    typer.echo(plan.summary(), nl=False)
     if new_path is not None:
         plan.save(new_path)
         out.print(f"written to {new_path}", highlight=False)

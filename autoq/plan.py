@@ -174,8 +174,10 @@ class Plan(BaseModel):
 
     # --------------------------------------------------------------------------- summary
 
-    def summary(self, width: int = 120) -> str:
-        """A readable table of the plan (rendered with rich, returned as text)."""
+    def summary(self, width: int | None = None) -> str:
+        """A readable table of the plan (rendered with rich, returned as text).
+
+        Without ``width`` the table takes its natural width, so layer names are never cut."""
         from rich.console import Console
         from rich.table import Table
 
@@ -198,7 +200,8 @@ class Plan(BaseModel):
             )
         t = self.totals
         buffer = io.StringIO()
-        console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+        console = Console(file=buffer, width=width or 10_000, force_terminal=False, color_system=None,
+                          soft_wrap=width is None)
         console.print(table)
         console.print(
             f"effective bits {t.effective_bits:.3f} (budget {self.budget:g}) | weights "
