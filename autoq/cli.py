@@ -3,6 +3,7 @@
     autoq quantize MODEL --bits B --out DIR [--formats F,...] [--objective O] [--calib FILE] [--plan PLAN.json]
     autoq plan show PLAN.json
     autoq plan resolve PLAN.json --bits B [--objective O] [--out NEW.json]
+    autoq serve [--host H] [--port P] [--data-dir DIR]
 
 MODEL is ``bundled:minilm`` or a local Hugging Face model directory. Progress bars go to stderr,
 the summary table to stdout; bad input gives a one-line error and exit status 1.
@@ -153,6 +154,25 @@ def plan_resolve(
     if new_path is not None:
         plan.save(new_path)
         out.print(f"written to {new_path}", highlight=False)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, "--host", help="interface to bind (default AUTOQ_HOST or 127.0.0.1; "
+                             "a non-loopback host needs AUTOQ_TOKENS)"),
+    port: int = typer.Option(None, "--port", help="TCP port (default AUTOQ_PORT or 8000)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="database, uploads, artifacts and plan "
+                                  "cache (default AUTOQ_DATA_DIR or ./autoq-data)"),
+) -> None:
+    """Run the REST job service (FastAPI + uvicorn); other settings come from AUTOQ_* variables."""
+    from pydantic import ValidationError
+
+    from service.main import serve as run_service
+
+    try:
+        run_service(host=host, port=port, data_dir=data_dir)
+    except ValidationError as e:
+        raise _fail(f"invalid setting: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

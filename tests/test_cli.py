@@ -109,3 +109,10 @@ def test_empty_calibration_file(tiny_bert_dir, tmp_path):
     empty.write_text("\n \n")
     result = runner.invoke(app, ["quantize", str(tiny_bert_dir), "--out", str(tmp_path / "o"), "--calib", str(empty)])
     assert result.exit_code == 1 and "no non-empty lines" in result.output
+
+
+def test_serve_refuses_a_public_bind_without_tokens(tmp_path, monkeypatch):
+    monkeypatch.delenv("AUTOQ_TOKENS", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "no tokens are configured" in (result.output + str(result.exception))
