@@ -47,6 +47,10 @@ def median_ms(fn, min_time: float = 0.3, max_reps: int = 50) -> float:
     return statistics.median(times) * 1e3
 
 
+def weight_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for name, t in module.state_dict().items() if name != "bias")
+
+
 def cpu_description() -> str:
     model = platform.processor() or "unknown CPU"
     try:
@@ -77,15 +81,14 @@ def main() -> None:
             weight_bf16, bias_bf16 = weight.bfloat16(), bias.bfloat16()
             modules = {fmt: quantize_layer(weight, bias, fmt) for fmt in QUANTIZED}
             sizes.append([name, f"{weight.numel() * 4 / 1e6:.2f}", f"{weight.numel() * 2 / 1e6:.2f}"]
-                         + [f"{sum(t.numel() * t.element_size() for t in m.state_dict().values() if t is not m.bias) / 1e6:.2f}"
-                            for m in modules.values()])
+                         + [f"{weight_bytes(m) / 1e6:.2f}" for m in modules.values()])
             for m in M_VALUES:
                 x = torch.randn(m, k)
                 x_bf16 = x.bfloat16()
-                fp32 = median_ms(lambda x=x: F.linear(x, weight, bias))
-                bf16 = median_ms(lambda x=x_bf16: F.linear(x, weight_bf16, bias_bf16))
+                fp32 = median_ms(lambda x=x, w=weight, b=bias: F.linear(x, w, b))
+                bf16 = median_ms(lambda x=x_bf16, w=weight_bf16, b=bias_bf16: F.linear(x, w, b))
                 cells = [name, str(m), f"{fp32:.3f}", f"{bf16:.3f} ({fp32 / bf16:.2f}x)"]
-                for fmt, module in modules.items():
+                for module in modules.values():
                     t = median_ms(lambda x=x, module=module: module(x))
                     cells.append(f"{t:.3f} ({fp32 / t:.2f}x)")
                 rows.append(cells)
