@@ -150,7 +150,7 @@ def test_large_m_dequantize_gemm_path_agrees_with_small_m_kernel(fmt):
     from autoq.kernels.native import DEQUANT_GEMM_MIN_M
 
     torch.manual_seed(0)
-    q = quantize_layer(torch.randn(64, 128), torch.randn(64), fmt)
+    q = quantize_layer(torch.randn(320, 128), torch.randn(320), fmt)  # > one dequantized chunk
     x = torch.randn(DEQUANT_GEMM_MIN_M, 128)
     large = q(x)
     small = torch.cat([q(chunk) for chunk in x.split(DEQUANT_GEMM_MIN_M // 4)])
