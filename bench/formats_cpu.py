@@ -107,7 +107,8 @@ def main() -> None:
         " (speedup vs fp32 `F.linear` in brackets). `bf16` is `F.linear` with bf16 weight and"
         " activations. Native kernels: int8_dynamic = per-token quantization + `torch._int_mm`;"
         " int8_weight_only = `aten._weight_int8pack_mm` (bf16); int4 = `aten._weight_int4pack_mm_for_cpu`"
-        " (bf16).",
+        " (bf16); from M=128 the weight-only formats dequantize 256 output rows at a time to bf16"
+        " and run the bf16 GEMM (faster there).",
         "",
         table(header, rows),
         "",

@@ -27,18 +27,11 @@ from test_service_support import (
 
 from service.store import FAILED, QUEUED, RUNNING, Store
 
+from conftest import UNSEEN_SENTENCES
+
 pytestmark = pytest.mark.slow
 
-SENTENCES = [
-    "The lighthouse keeper painted the door bright blue last summer.",
-    "Our flight was delayed because the pilot was stuck in traffic.",
-    "She finally finished knitting the scarf her brother had asked for.",
-    "The village school has only twelve pupils and one teacher.",
-    "A sudden power cut stopped the escalators in the shopping centre.",
-    "He prefers green tea in the morning and black coffee after lunch.",
-    "The research group published its results in an open journal.",
-    "Several streets were closed for the marathon on Sunday morning.",
-]
+SENTENCES = UNSEEN_SENTENCES[:8]
 # A tiny-model job that runs for seconds: the refinement stage evaluates 200 candidate plans,
 # reporting progress (and so checking for cancellation) after each.
 LONG_JOB = {"refine_trials": 200, "calibration": {"texts": SENTENCES * 2}}
