@@ -180,8 +180,7 @@ def run_job(settings: Settings, store: Store, job: JobRow, worker_id: str) -> st
 
 def execute(settings: Settings, job: JobRow, reporter: Reporter) -> dict[str, Any]:
     """load -> calibration batches -> search -> apply -> save (atomically); the finish fields."""
-    from autoq import apply
-    from autoq.api import search
+    from autoq import apply, search
     from autoq.calibration import bundled_texts, text_batches
     from autoq.models import load_model
 

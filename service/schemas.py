@@ -53,7 +53,9 @@ class JobCreate(Strict):
         description="Trials of the optional refinement stage (measured loss on held-out "
                     "calibration batches); 0 skips it.",
     )
-    export_format: str | None = Field(None, description="Checkpoint format (default: autoq).")
+    export_format: str | None = Field(None, description=(
+        "Checkpoint format: compressed-tensors or autoq (default: compressed-tensors when the "
+        "model can be expressed in it, else autoq)."))
 
     @field_validator("formats")
     @classmethod
