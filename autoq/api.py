@@ -17,7 +17,7 @@ from autoq import bench, formats, profile, sensitivity, solve
 from autoq.cache import PlanCache, make_key, model_fingerprint
 from autoq.calibration import as_batches, fingerprint
 from autoq.plan import LayerStats, ModelInfo, Plan, SearchStats, ShapeCount, build_plan
-from autoq.swap import apply, layer_shape, quantizable_layers
+from autoq.swap import QuantizedMemo, apply, layer_shape, quantizable_layers
 
 __all__ = ["apply", "autoquant", "resolve", "search"]
 
@@ -126,15 +126,16 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
 
     start = time.perf_counter()
     hw_key = bench.hardware_key(hardware)
+    quantized: QuantizedMemo = {}  # each (layer, format) quantized once, shared by the stages
     timed = bench.benchmark(layers, prof, fmts, timings=cache.timings(hw_key),
-                            report=_stage(report, "benchmark"))
+                            report=_stage(report, "benchmark"), quantized=quantized)
     cache.add_timings(hw_key, timed.new_timings)
     seconds["benchmark"] = time.perf_counter() - start
 
     start = time.perf_counter()
     candidates = {name: [f for f in fmts if f in timed.latency[name]] for name in layers}
     scores, failed = sensitivity.score(model, batches, layers, candidates, loss_fn=loss_fn, probes=probes,
-                                       seed=seed, report=_stage(report, "sensitivity"))
+                                       seed=seed, report=_stage(report, "sensitivity"), quantized=quantized)
     seconds["sensitivity"] = time.perf_counter() - start
 
     stats = {}

@@ -43,10 +43,9 @@ from torch import nn
 
 from autoq import formats as formats_registry
 from autoq.kernels import default_backend, requested_backend
-from autoq.modules import quantize_layer
 from autoq.primitives import sqnr_db
 from autoq.profile import Profile
-from autoq.swap import float_weight
+from autoq.swap import QuantizedMemo, float_weight, quantized_copy
 
 Report = Callable[[float, str], None]
 
@@ -116,7 +115,8 @@ def hardware_key(info: dict) -> str:
 
 
 def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
-                sqnr_floor: float = SQNR_FLOOR_DB) -> str | None:
+                sqnr_floor: float = SQNR_FLOOR_DB, *, name: str = "",
+                quantized: QuantizedMemo | None = None) -> str | None:
     """``None`` when ``fmt`` is usable for this layer, else the reason it is not."""
     if fmt == UNQUANTIZED:
         return None
@@ -126,7 +126,7 @@ def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
         return reason
     try:
         with torch.no_grad():
-            qmodule = quantize_layer(weight, module.bias, fmt)
+            qmodule = quantized_copy(module, fmt, name, quantized)
             if sample is None:
                 return None
             out = qmodule(sample)
@@ -206,8 +206,12 @@ def benchmark(
     timings: dict[str, float] | None = None,
     sqnr_floor: float = SQNR_FLOOR_DB,
     report: Report | None = None,
+    quantized: QuantizedMemo | None = None,
 ) -> BenchResult:
-    """Check every candidate on every layer, time the surviving ones on every recorded shape."""
+    """Check every candidate on every layer, time the surviving ones on every recorded shape.
+
+    ``quantized``: a memo of quantized modules by (layer, format), filled here and reused by
+    later stages (sensitivity), so each is built once per search."""
     table = dict(timings or {})
     fmts = list(dict.fromkeys([UNQUANTIZED, *fmts]))
     dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
@@ -216,14 +220,15 @@ def benchmark(
     for i, (name, module) in enumerate(layers.items()):
         sample = prof.samples.get(name)
         for fmt in fmts:
-            reason = check_layer(module, fmt, sample, sqnr_floor)
+            reason = check_layer(module, fmt, sample, sqnr_floor, name=name, quantized=quantized)
             if reason:
                 dropped[name][fmt] = reason
         valid[name] = [f for f in fmts if f not in dropped[name]]
         layer_prof = prof.layers[name]
         n = layer_prof.out_features
         for (m, k), _count in layer_prof.shapes.items():
-            job = jobs.setdefault((n, k, bucket_m(m), layer_prof.dtype), {"formats": set(), "module": module})
+            job = jobs.setdefault((n, k, bucket_m(m), layer_prof.dtype), {"formats": set(), "module": module,
+                                                                            "name": name})
             job["formats"].update(valid[name])
         if report is not None:
             report(0.5 * (i + 1) / len(layers), f"checked {name}")
@@ -244,7 +249,7 @@ def benchmark(
                 if fmt == UNQUANTIZED:
                     fn = _float_linear(weight, module.bias, x.dtype)
                 else:
-                    fn = quantize_layer(weight, module.bias, fmt)
+                    fn = quantized_copy(module, fmt, job["name"], quantized)
                 with torch.no_grad():
                     fn(x)  # a kernel that fails on this shape is isolated here
             except Exception as err:

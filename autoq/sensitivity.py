@@ -52,9 +52,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from autoq.calibration import Batch, run_batch, to_device
-from autoq.modules import quantize_layer
 from autoq.profile import eval_mode, model_device
-from autoq.swap import _parents_of, float_weight
+from autoq.swap import QuantizedMemo, _parents_of, quantized_copy
 
 Report = Callable[[float, str], None]
 LossFn = Callable[[object, Batch], torch.Tensor]
@@ -232,6 +231,7 @@ def score(
     seed: int = 0,
     checkpointing: bool = True,
     report: Report | None = None,
+    quantized: QuantizedMemo | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
     """``({layer: {format: S}}, {layer: {format: reason}})``: the score of every candidate format
     of every layer (``none`` scores 0), and the formats dropped because running them on the
@@ -241,7 +241,7 @@ def score(
     device = model_device(model)
     scores = {name: {fmt: 0.0 for fmt in candidates[name]} for name in layers}
     dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
-    quantized: dict[tuple[str, str], nn.Module] = {}
+    quantized = {} if quantized is None else quantized
     generator = torch.Generator(device=device).manual_seed(seed)
     total = len(batches) * max(len(layers), 1)
 
@@ -254,10 +254,7 @@ def score(
                 if fmt == UNQUANTIZED or fmt in dropped[name]:
                     continue
                 try:
-                    qmodule = quantized.get((name, fmt))
-                    if qmodule is None:
-                        qmodule = quantized[(name, fmt)] = quantize_layer(
-                            float_weight(module).detach(), module.bias, fmt)
+                    qmodule = quantized_copy(module, fmt, name, quantized)
                     s = _layer_format_score(qmodule, calls, mine, grads, batch_size)
                 except Exception as err:  # a kernel failing on these inputs drops the format
                     dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
@@ -292,7 +289,7 @@ class LossEvaluator:
         self.layers = layers
         self.loss_fn = loss_fn
         self.parents = _parents_of(model)
-        self.quantized: dict[tuple[str, str], nn.Module] = {}
+        self.quantized: QuantizedMemo = {}
         with eval_mode(model), torch.no_grad():
             self.reference = [run_batch(model, b) for b in self.batches]
 
@@ -306,11 +303,7 @@ class LossEvaluator:
         for name, fmt in assignment.items():
             if fmt == UNQUANTIZED:
                 continue
-            key = (name, fmt)
-            if key not in self.quantized:
-                module = self.layers[name]
-                self.quantized[key] = quantize_layer(float_weight(module).detach(), module.bias, fmt)
-            replacement[name] = self.quantized[key]
+            replacement[name] = quantized_copy(self.layers[name], fmt, name, self.quantized)
         self._swap(replacement)
         try:
             with eval_mode(self.model), torch.no_grad():

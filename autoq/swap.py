@@ -52,6 +52,21 @@ def _embedding_storages(model: nn.Module) -> set[int]:
             if isinstance(m, nn.Embedding) and m.weight.device.type != "meta"}
 
 
+QuantizedMemo = dict[tuple[str, str], QuantizedLinear]
+
+
+def quantized_copy(module: nn.Module, fmt: str, name: str = "",
+                   memo: QuantizedMemo | None = None) -> QuantizedLinear:
+    """A quantized module for the float layer ``module`` (left untouched); with ``memo``, built
+    once per (name, format) and shared by every stage that asks for it."""
+    if memo is not None and (name, fmt) in memo:
+        return memo[(name, fmt)]
+    qmodule = quantize_layer(float_weight(module).detach(), module.bias, fmt)
+    if memo is not None:
+        memo[(name, fmt)] = qmodule
+    return qmodule
+
+
 def tied_to_embedding(model: nn.Module) -> set[str]:
     """Names of quantizable layers whose weight is shared with an input embedding."""
     storages = _embedding_storages(model)

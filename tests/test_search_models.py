@@ -92,14 +92,14 @@ def test_inaccurate_and_raising_formats_are_dropped_not_fatal(tmp_path, monkeypa
     x = torch.randn(4, 8, 64)
     x[..., 0] = 1e4  # ...but sets every token's int8 scale: the rest rounds to zero
 
-    real = bench_module.quantize_layer
+    real = bench_module.quantized_copy
 
-    def flaky(weight, bias, fmt, quantized=None):
+    def flaky(module, fmt, name="", memo=None):
         if fmt == "int4_g64":
             raise RuntimeError("kernel exploded")
-        return real(weight, bias, fmt, quantized)
+        return real(module, fmt, name, memo)
 
-    monkeypatch.setattr(bench_module, "quantize_layer", flaky)
+    monkeypatch.setattr(bench_module, "quantized_copy", flaky)
     plan = search(model, [x], effective_bits=9.0, cache_dir=tmp_path, progress=False)
     first = plan.layers["first"]
     assert "below the 10 dB floor" in first.dropped["int8_dynamic"]
@@ -165,16 +165,16 @@ def test_refinement_measures_real_loss_and_stores_a_resumable_study(tmp_path):
 def test_a_format_failing_while_scoring_is_dropped(tmp_path, monkeypatch):
     from autoq import sensitivity
 
-    real = sensitivity.quantize_layer
+    real = sensitivity.quantized_copy
 
     class Broken(nn.Module):
         def forward(self, x):
             raise RuntimeError("no kernel for this input")
 
-    def flaky(weight, bias, fmt, quantized=None):
-        return Broken() if fmt == "int8_weight_only" else real(weight, bias, fmt, quantized)
+    def flaky(module, fmt, name="", memo=None):
+        return Broken() if fmt == "int8_weight_only" else real(module, fmt, name, memo)
 
-    monkeypatch.setattr(sensitivity, "quantize_layer", flaky)
+    monkeypatch.setattr(sensitivity, "quantized_copy", flaky)
     plan = search(TwoLayers(k=64), torch.randn(4, 8, 64), effective_bits=9.0, cache_dir=tmp_path, progress=False)
     for layer in plan.layers.values():
         assert "while scoring: no kernel for this input" in layer.dropped["int8_weight_only"]
