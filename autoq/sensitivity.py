@@ -53,7 +53,7 @@ from torch import nn
 
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.profile import eval_mode, model_device
-from autoq.swap import QuantizedMemo, _parents_of, quantized_copy
+from autoq.swap import QuantizedMemo, quantized_copy, swapped
 
 Report = Callable[[float, str], None]
 LossFn = Callable[[object, Batch], torch.Tensor]
@@ -288,15 +288,9 @@ class LossEvaluator:
         self.batches = [to_device(b, self.device) for b in batches]
         self.layers = layers
         self.loss_fn = loss_fn
-        self.parents = _parents_of(model)
         self.quantized: QuantizedMemo = {}
         with eval_mode(model), torch.no_grad():
             self.reference = [run_batch(model, b) for b in self.batches]
-
-    def _swap(self, replacement: dict[str, nn.Module]) -> None:
-        for name, new in replacement.items():
-            for parent, attr in self.parents[id(self.layers[name])]:
-                setattr(parent, attr, new)
 
     def __call__(self, assignment: Mapping[str, str]) -> float:
         replacement = {}
@@ -304,24 +298,20 @@ class LossEvaluator:
             if fmt == UNQUANTIZED:
                 continue
             replacement[name] = quantized_copy(self.layers[name], fmt, name, self.quantized)
-        self._swap(replacement)
-        try:
-            with eval_mode(self.model), torch.no_grad():
-                losses, err, ref_norm = [], 0.0, 0.0
-                for batch, reference in zip(self.batches, self.reference, strict=True):
-                    output = run_batch(self.model, batch)
-                    loss = model_loss(output, batch, self.loss_fn)
-                    if loss is not None:
-                        losses.append(float(loss))
-                        continue
-                    out, ref = output_tensor(output).float(), output_tensor(reference).float()
-                    mask = output_mask(ref, batch)
-                    if mask is not None:
-                        out, ref = out * mask, ref * mask
-                    err += float((out - ref).pow(2).sum())
-                    ref_norm += float(ref.pow(2).sum())
-        finally:
-            self._swap({name: self.layers[name] for name in replacement})
+        with swapped(self.model, replacement), eval_mode(self.model), torch.no_grad():
+            losses, err, ref_norm = [], 0.0, 0.0
+            for batch, reference in zip(self.batches, self.reference, strict=True):
+                output = run_batch(self.model, batch)
+                loss = model_loss(output, batch, self.loss_fn)
+                if loss is not None:
+                    losses.append(float(loss))
+                    continue
+                out, ref = output_tensor(output).float(), output_tensor(reference).float()
+                mask = output_mask(ref, batch)
+                if mask is not None:
+                    out, ref = out * mask, ref * mask
+                err += float((out - ref).pow(2).sum())
+                ref_norm += float(ref.pow(2).sum())
         if losses:
             return sum(losses) / len(losses)
         return err / max(ref_norm, 1e-30)

@@ -15,7 +15,8 @@ Rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -181,6 +182,25 @@ def apply(
         for parent, attr in parents[id(module)]:
             setattr(parent, attr, qlayer)
     return model
+
+
+@contextmanager
+def swapped(model: nn.Module, replacement: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
+    """Put ``replacement[name]`` in place of each named layer (under every name a shared module
+    has) for the duration of the ``with`` block, then restore the originals."""
+    parents = _parents_of(model)
+    originals = {name: model.get_submodule(name) for name in replacement}
+
+    def put(modules: Mapping[str, nn.Module]) -> None:
+        for name, new in modules.items():
+            for parent, attr in parents[id(originals[name])]:
+                setattr(parent, attr, new)
+
+    put(replacement)
+    try:
+        yield model
+    finally:
+        put(originals)
 
 
 def _module_aliases(model: nn.Module) -> dict[str, str]:

@@ -37,8 +37,7 @@ from autoq.bench import cpu_name, hardware_key  # noqa: E402
 from autoq.cache import PlanCache  # noqa: E402
 from autoq.calibration import bundled_texts, text_batches  # noqa: E402
 from autoq.models import load_model  # noqa: E402
-from autoq.modules import quantize_layer  # noqa: E402
-from autoq.swap import _parents_of, float_weight, quantizable_layers  # noqa: E402
+from autoq.swap import quantizable_layers, quantized_copy, swapped  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "search-cpu.md"
 
@@ -190,15 +189,10 @@ def main() -> None:
 
     # 3. Spearman
     layers = quantizable_layers(model)
-    parents = _parents_of(model)
     damage, scores = [], []
     for name, module in layers.items():
-        q = quantize_layer(float_weight(module), module.bias, "int4_g128")
-        for parent, attr in parents[id(module)]:
-            setattr(parent, attr, q)
-        damage.append(1 - float((embeddings(model, held) * reference).sum(-1).mean()))
-        for parent, attr in parents[id(module)]:
-            setattr(parent, attr, module)
+        with swapped(model, {name: quantized_copy(module, "int4_g128")}):
+            damage.append(1 - float((embeddings(model, held) * reference).sum(-1).mean()))
         scores.append(plan.layers[name].sensitivity["int4_g128"])
     rho = spearmanr(scores, damage).statistic
     say(f"Stored int4_g128 sensitivities ({plan.settings['loss']}) vs measured single-layer damage "

@@ -12,9 +12,8 @@ from scipy.stats import spearmanr
 
 from autoq import apply, autoquant, formats, layer_formats, resolve, search
 from autoq.calibration import bundled_texts, text_batches
-from autoq.modules import quantize_layer
 from autoq.solve import InfeasibleBudget
-from autoq.swap import _parents_of, float_weight, quantizable_layers
+from autoq.swap import quantizable_layers, quantized_copy, swapped
 
 from conftest import UNSEEN_SENTENCES, embedding_cosine, mean_pooled
 
@@ -144,17 +143,10 @@ def test_int4_sensitivity_ranks_single_layer_damage(searched, model_and_tokenize
     model, _ = model_and_tokenizer
     batch, reference = held_out
     layers = quantizable_layers(model)
-    parents = _parents_of(model)
     damage, scores = [], []
     for name, module in layers.items():
-        quantized = quantize_layer(float_weight(module), module.bias, "int4_g128")
-        for parent, attr in parents[id(module)]:
-            setattr(parent, attr, quantized)
-        try:
+        with swapped(model, {name: quantized_copy(module, "int4_g128")}):
             damage.append(1.0 - embedding_cosine(mean_pooled(model, batch), reference))
-        finally:
-            for parent, attr in parents[id(module)]:
-                setattr(parent, attr, module)
         scores.append(plan.layers[name].sensitivity["int4_g128"])
     rho = spearmanr(scores, damage).statistic
     assert rho >= 0.85, rho
