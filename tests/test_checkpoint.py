@@ -31,15 +31,19 @@ def test_minilm_round_trip_is_bit_identical(minilm, minilm_tokenizer, unseen_bat
     assert torch.equal(mean_pooled(loaded, unseen_batch), expected)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_llama_round_trip_with_and_without_tied_head(tied, tmp_path):
-    model = tiny_llama(tie_word_embeddings=tied)
+def round_trip(model, path):
+    """Quantize with a mixed plan, save in autoq's format, load; (loaded, ids, expected logits)."""
     autoq.apply(model, mixed_plan(model))
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         expected = model(ids).logits
-    autoq.save_quantized(model, tmp_path, format="autoq")
-    loaded = autoq.load_quantized(tmp_path)
+    autoq.save_quantized(model, path, format="autoq")
+    return autoq.load_quantized(path), ids, expected
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_round_trip_with_and_without_tied_head(tied, tmp_path):
+    loaded, ids, expected = round_trip(tiny_llama(tie_word_embeddings=tied), tmp_path)
     if tied:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
@@ -47,13 +51,7 @@ def test_llama_round_trip_with_and_without_tied_head(tied, tmp_path):
 
 
 def test_gpt2_round_trip(tmp_path):
-    model = tiny_gpt2()
-    autoq.apply(model, mixed_plan(model))
-    ids = torch.randint(0, 256, (2, 10))
-    with torch.no_grad():
-        expected = model(ids).logits
-    autoq.save_quantized(model, tmp_path, format="autoq")
-    loaded = autoq.load_quantized(tmp_path)
+    loaded, ids, expected = round_trip(tiny_gpt2(), tmp_path)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
