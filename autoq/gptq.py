@@ -1,0 +1,355 @@
+"""GPTQ (Frantar et al., 2022) as small pure functions over tensors.
+
+Round-to-nearest quantizes every weight on its own. GPTQ quantizes the columns of a weight
+``W [N, K]`` one at a time and pushes each column's rounding error onto the columns not yet
+quantized, weighted by the inverse Hessian of the layer's reconstruction error
+``||X Wᵀ - X Qᵀ||²``, whose Hessian is ``H = 2/n · XᵀX`` over the calibration activations
+``X [n, K]`` the layer sees. Later columns absorb the error of earlier ones, so the layer output
+moves less than with independent rounding.
+
+Groups are static and contiguous: group ``g`` covers input columns ``[g*G, (g+1)*G)`` and its
+parameters (scale, zero point) are fitted on the error-updated weights when its first column is
+reached. The storage layout is therefore the same as round-to-nearest (no ``g_idx``): the
+result is encoded with :func:`encode_int4` / :func:`encode_int8` into exactly the tensors
+:func:`autoq.primitives.quantize_int4_asymmetric` / :func:`~autoq.primitives.quantize_int8_symmetric`
+return. A per-channel format is one group of ``G = K``.
+
+A quantizer is a pair of functions:
+
+- ``fit(w_group [N, G]) -> params``: the parameters of one group;
+- ``fake_quant(w_cols [N, c], params, col_offset) -> w_hat [N, c]``: the grid values of ``c``
+  consecutive columns of that group, starting ``col_offset`` columns into it.
+
+Ready-made pairs: :func:`fit_int4` / :func:`fake_quant_int4` (autoq's int4 groups) and
+:func:`fit_int8` / :func:`fake_quant_int8` (int8 symmetric per output channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoq import primitives as P
+
+Fit = Callable[[torch.Tensor], Any]
+FakeQuant = Callable[[torch.Tensor, Any, int], torch.Tensor]
+
+# Each Cholesky failure retries with the dampening multiplied by this factor, this many times.
+DAMP_RETRY_FACTOR = 10.0
+DAMP_RETRIES = 2
+
+
+class DegenerateHessian(ValueError):
+    """The Hessian cannot drive GPTQ (all zero, not finite, or not positive definite even after
+    extra dampening). Callers fall back to round-to-nearest and note ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian accumulation
+# --------------------------------------------------------------------------------------------
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n · XᵀX`` (fp32, ``[K, K]``) over activation rows fed batch by batch.
+
+    ``update`` keeps ``hessian`` equal to ``2/rows · Σ xᵀx`` over every row seen so far, so a
+    partial accumulation is already a usable Hessian and batch sizes may differ.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str | None = None):
+        self.columns = columns
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (any shape ``[..., K]``, flattened to ``[-1, K]``)."""
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"expected activations with {self.columns} columns, got shape {tuple(x.shape)}")
+        rows = x.detach().reshape(-1, self.columns).to(self.hessian.device, torch.float32)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        total = self.rows + n
+        self.hessian.mul_(self.rows / total)
+        self.hessian.addmm_(rows.t(), rows, alpha=2.0 / total)
+        self.rows = total
+
+
+def _in_features(layer: nn.Module) -> int:
+    """Input width of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight ``[in, out]``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        return layer.weight.shape[0]
+    raise TypeError(f"cannot collect a Hessian for {type(layer).__name__}; expected nn.Linear or Conv1D")
+
+
+def _run_batch(model: nn.Module, batch: Any) -> None:
+    """A dict batch is keyword arguments, a tuple positional arguments, anything else the one argument."""
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, tuple):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def accumulate_hessians(
+    model: nn.Module, batches: Iterable[Any], layers: Mapping[str, nn.Module]
+) -> dict[str, HessianAccumulator]:
+    """Run ``model`` on ``batches`` (under ``no_grad``) and accumulate each layer's input Hessian.
+
+    ``layers`` maps names to ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside ``model``. The
+    inputs each layer really receives are used, so quantizing earlier layers first and calling
+    this afterwards gives the sequential (standard) GPTQ Hessians. One accumulator per layer;
+    layers fed the same tensor (q/k/v) get equal Hessians. Batches must already be on the
+    model's device. The hooks are removed even when the model raises.
+    """
+    accumulators = {
+        name: HessianAccumulator(_in_features(layer), layer.weight.device) for name, layer in layers.items()
+    }
+
+    def make_hook(acc: HessianAccumulator):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            acc.update(x)
+
+        return hook
+
+    handles = []
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_pre_hook(make_hook(accumulators[name]), with_kwargs=True))
+        with torch.no_grad():
+            for batch in batches:
+                _run_batch(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+# --------------------------------------------------------------------------------------------
+# The GPTQ algorithm
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # [N, K] fp32, exactly on the quantization grid
+    params: list[Any]  # one entry per group, as returned by ``fit``
+    group_size: int
+    damp: float  # dampening actually used (larger than requested after a Cholesky retry)
+    loss: float  # GPTQ's running estimate of ½ tr((W - Q) H (W - Q)ᵀ) (exact only without damping)
+
+
+def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp · I)⁻¹`` (``Uᵀ U = (H + damp · I)⁻¹``) for a
+    Hessian normalised to a mean live diagonal of 1, retrying with a larger ``damp`` when
+    ``H + damp · I`` is not positive definite in floating point. Returns ``(U, damp used)``."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    used = damp
+    for attempt in range(DAMP_RETRIES + 1):
+        used = damp * DAMP_RETRY_FACTOR**attempt
+        lower, info = torch.linalg.cholesky_ex(hessian + used * eye)
+        if int(info) != 0:
+            continue
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            return upper, used
+    raise DegenerateHessian(
+        f"Hessian is not positive definite even with dampening {used:g} x mean diagonal "
+        f"(tried {DAMP_RETRIES + 1} dampenings from {damp:g})"
+    )
+
+
+def _block_bounds(columns: int, group_size: int, block_size: int) -> list[tuple[int, int]]:
+    """Column blocks ``[start, end)`` for the lazy updates, laid out so that every group either
+    lies inside one block or starts at a block start. At a block start all remaining columns
+    hold their error-updated values, so a group's parameters are always fitted on fully
+    updated weights."""
+    if group_size <= block_size:
+        step = (block_size // group_size) * group_size
+        return [(s, min(s + step, columns)) for s in range(0, columns, step)]
+    bounds = []
+    for g0 in range(0, columns, group_size):
+        g1 = g0 + group_size
+        bounds += [(s, min(s + block_size, g1)) for s in range(g0, g1, block_size)]
+    return bounds
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    fit: Fit,
+    fake_quant: FakeQuant,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> GPTQResult:
+    """Quantize ``weight [N, K]`` with GPTQ against ``hessian [K, K]`` in static groups of
+    ``group_size`` input columns (``K`` for one scale per output channel).
+
+    - dampening: ``damp · mean(diag H)`` is added to the diagonal (mean over live columns);
+    - dead columns (``diag H == 0``: the input is always zero there) get a unit diagonal; their
+      row and column of ``H`` are zero, so they are rounded to nearest and pass no error on.
+      Unlike the reference implementation their weights are kept, not zeroed, so inputs that
+      are non-zero there after calibration still see the original weight up to rounding;
+    - columns are quantized in order, within blocks of ``block_size`` with immediate error
+      feedback, and the accumulated block error is applied to the later columns between blocks.
+
+    Raises :class:`DegenerateHessian` when ``H`` is all zero, not finite, or not positive
+    definite after extra dampening, and ``ValueError`` for inconsistent shapes.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={k}")
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"group size {group_size} does not divide in_features={k}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+    h = hessian.detach().to(weight.device, torch.float32).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise DegenerateHessian("Hessian has non-finite entries")
+    dead = torch.diagonal(h) == 0
+    if bool(dead.all()):
+        raise DegenerateHessian("Hessian is zero: the layer saw only zero inputs (or never ran)")
+    # GPTQ does not change when H is scaled; normalising the mean live diagonal to 1 keeps the
+    # Cholesky well scaled and makes ``damp`` the relative dampening λ = damp · mean(diag H).
+    h_scale = float(torch.diagonal(h)[~dead].mean())
+    h = h / h_scale
+    torch.diagonal(h)[dead] = 1.0
+    upper, used_damp = _upper_inverse_cholesky(h, damp)
+
+    w = weight.detach().to(torch.float32).clone()
+    q = torch.zeros_like(w)
+    params: list[Any] = [None] * (k // group_size)
+    loss = torch.zeros((), dtype=torch.float32, device=w.device)
+
+    for b0, b1 in _block_bounds(k, group_size, block_size):
+        w_block = w[:, b0:b1].clone()
+        err_block = torch.zeros_like(w_block)
+        u_block = upper[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            group, offset = divmod(col, group_size)
+            if offset == 0:
+                g_end = col + group_size
+                # Inside the block the updated values live in w_block; a group reaching past
+                # the block starts at the block start, where w is fully updated.
+                source = w_block[:, i:i + group_size] if g_end <= b1 else w[:, col:g_end]
+                params[group] = fit(source)
+            column = w_block[:, i:i + 1]
+            column_q = fake_quant(column, params[group], offset)
+            q[:, col:col + 1] = column_q
+            d = u_block[i, i]
+            err = (column - column_q) / d
+            loss += err.pow(2).sum() / 2
+            w_block[:, i:] -= err * u_block[i:i + 1, i:]
+            err_block[:, i:i + 1] = err
+        w[:, b1:] -= err_block @ upper[b0:b1, b1:]
+
+    return GPTQResult(q, params, group_size, used_damp, float(loss) * h_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizers matching autoq's formats
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int4GroupParams:
+    scale: torch.Tensor  # [N, 1] fp32, already rounded to its fp16 storage
+    zero_point: torch.Tensor  # [N, 1] int32 in [0, 15]
+
+
+@dataclass(frozen=True)
+class Int8ChannelParams:
+    scale: torch.Tensor  # [N, 1] fp32
+
+
+def fit_int4(w_group: torch.Tensor, clip_search: bool = True) -> Int4GroupParams:
+    """Parameters of one int4 group ``[N, G]``, as :func:`autoq.primitives.quantize_int4_asymmetric`
+    chooses them: per-row least-squares clip search (or plain min/max), scale rounded to fp16."""
+    g = w_group.shape[1]
+    choose = P.choose_qparams_affine_mse if clip_search else P.choose_qparams_affine
+    scale, zero_point = choose(w_group.float(), (1, g), 0, 15)
+    scale = scale.to(torch.float16).float().clamp(min=P.SCALE_EPS)
+    return Int4GroupParams(scale, zero_point)
+
+
+def fake_quant_int4(w_cols: torch.Tensor, params: Int4GroupParams, col_offset: int = 0) -> torch.Tensor:
+    """``(clamp(round(w / s) + zp, 0, 15) - zp) * s`` — the same arithmetic as
+    ``primitives.quantize_affine`` followed by ``primitives.dequantize_affine``."""
+    zp = params.zero_point.float()
+    q = (torch.round(w_cols.float() / params.scale) + zp).clamp(0, 15)
+    return (q - zp) * params.scale
+
+
+def fit_int8(w_rows: torch.Tensor) -> Int8ChannelParams:
+    """Per-output-channel symmetric scale ``absmax / 127``, as :func:`autoq.primitives.quantize_int8_symmetric`."""
+    return Int8ChannelParams(P.choose_qparams_symmetric(w_rows.float(), (1, w_rows.shape[1]), 127))
+
+
+def fake_quant_int8(w_cols: torch.Tensor, params: Int8ChannelParams, col_offset: int = 0) -> torch.Tensor:
+    return torch.round(w_cols.float() / params.scale).clamp(-127, 127) * params.scale
+
+
+def encode_int4(
+    w_hat: torch.Tensor, params: list[Int4GroupParams]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes of a GPTQ int4 result: ``(q uint8 [N, K] in [0, 15], scale fp32 [N, K/G]
+    (fp16-exact), zero_point uint8 [N, K/G])``, the tensors ``quantize_int4_asymmetric`` returns.
+
+    ``w_hat = (q - zp) · s`` with ``s`` an fp16 value and ``|q - zp| <= 15`` is exact in fp32, so
+    ``round(w_hat / s) + zp`` recovers ``q`` exactly and dequantizing gives back ``w_hat``.
+    """
+    scale = torch.cat([p.scale for p in params], dim=1)
+    zero_point = torch.cat([p.zero_point for p in params], dim=1)
+    group_size = w_hat.shape[1] // len(params)
+    q = P.quantize_affine(w_hat, (1, group_size), scale, zero_point, 0, 15, torch.uint8)
+    return q, scale, zero_point.to(torch.uint8)
+
+
+def encode_int8(w_hat: torch.Tensor, params: list[Int8ChannelParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes of a GPTQ int8 per-channel result: ``(q int8 [N, K], scale fp32 [N, 1])``,
+    the tensors ``quantize_int8_symmetric(w, (1, K))`` returns."""
+    if len(params) != 1:
+        raise ValueError(f"int8 per channel has one group per row, got {len(params)} groups")
+    scale = params[0].scale
+    q = P.quantize_affine(w_hat, (1, w_hat.shape[1]), scale, None, -127, 127, torch.int8)
+    return q, scale
+
+
+def gptq_int4(
+    weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, clip_search: bool = True,
+    block_size: int = 128, damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ for autoq's int4 groups → ``(q, scale, zero_point)`` in the round-to-nearest layout."""
+    result = gptq_quantize(
+        weight, hessian, group_size, lambda w: fit_int4(w, clip_search), fake_quant_int4,
+        block_size=block_size, damp=damp,
+    )
+    return encode_int4(result.weight, result.params)
+
+
+def gptq_int8(
+    weight: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 128, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ for int8 symmetric per output channel → ``(q, scale)`` in the round-to-nearest layout."""
+    result = gptq_quantize(
+        weight, hessian, weight.shape[1], fit_int8, fake_quant_int8, block_size=block_size, damp=damp,
+    )
+    return encode_int8(result.weight, result.params)
