@@ -229,6 +229,8 @@ def gptq_quantize(
     # GPTQ does not change when H is scaled; normalising the mean live diagonal to 1 keeps the
     # Cholesky well scaled and makes ``damp`` the relative dampening λ = damp · mean(diag H).
     h_scale = float(torch.diagonal(h)[~dead].mean())
+    if h_scale <= 0:
+        raise DegenerateHessian("Hessian has a non-positive mean diagonal; it is not XᵀX of any inputs")
     h = h / h_scale
     torch.diagonal(h)[dead] = 1.0
     upper, used_damp = _upper_inverse_cholesky(h, damp)
