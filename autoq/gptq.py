@@ -142,19 +142,28 @@ def accumulate_hessians(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ needs from a Hessian, computed once and reusable across formats of one layer."""
+
+    upper: torch.Tensor  # [K, K] upper Cholesky factor U of (H / scale + damp · I)⁻¹, Uᵀ U = that inverse
+    damp: float  # dampening used, relative to the mean diagonal (larger than asked after a retry)
+    scale: float  # mean diagonal of the live columns of H; H was divided by it
+
+
 @dataclass
 class GPTQResult:
     weight: torch.Tensor  # [N, K] fp32, exactly on the quantization grid
     params: list[Any]  # one entry per group, as returned by ``fit``
     group_size: int
-    damp: float  # dampening actually used (larger than requested after a Cholesky retry)
+    damp: float  # dampening used (larger than requested after a Cholesky retry)
     loss: float  # GPTQ's running estimate of ½ tr((W - Q) H (W - Q)ᵀ) (exact only without damping)
 
 
 def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + damp · I)⁻¹`` (``Uᵀ U = (H + damp · I)⁻¹``) for a
-    Hessian normalised to a mean live diagonal of 1, retrying with a larger ``damp`` when
-    ``H + damp · I`` is not positive definite in floating point. Returns ``(U, damp used)``."""
+    """Upper Cholesky factor ``U`` of ``(H + damp · I)⁻¹`` for a Hessian normalised to a mean
+    live diagonal of 1, retrying with a larger ``damp`` when ``H + damp · I`` is not positive
+    definite in floating point. Returns ``(U, damp used)``."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     used = damp
     for attempt in range(DAMP_RETRIES + 1):
@@ -169,6 +178,39 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
         f"Hessian is not positive definite even with dampening {used:g} x mean diagonal "
         f"(tried {DAMP_RETRIES + 1} dampenings from {damp:g})"
     )
+
+
+def prepare_hessian(
+    hessian: torch.Tensor, damp: float = 0.01, device: torch.device | str | None = None
+) -> PreparedHessian:
+    """Check, dampen and factor a Hessian ``[K, K]`` for :func:`gptq_quantize`.
+
+    - dampening: ``damp · mean(diag H)`` is added to the diagonal (mean over live columns);
+    - dead columns (``diag H == 0``: the input is always zero there) get a unit diagonal. Their
+      row and column of ``H`` are zero, so GPTQ rounds them to nearest and passes no error on.
+      Unlike the reference implementation their weights are kept, not zeroed, so inputs that
+      are non-zero there after calibration still see the original weight up to rounding.
+
+    Raises :class:`DegenerateHessian` when ``H`` is all zero, not finite, has a non-positive
+    diagonal mean, or is not positive definite after ``DAMP_RETRIES`` larger dampenings.
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"expected a square Hessian [K, K], got shape {tuple(hessian.shape)}")
+    h = hessian.detach().to(device or hessian.device, torch.float32).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise DegenerateHessian("Hessian has non-finite entries")
+    dead = torch.diagonal(h) == 0
+    if bool(dead.all()):
+        raise DegenerateHessian("Hessian is zero: the layer saw only zero inputs (or never ran)")
+    # GPTQ does not change when H is scaled; normalising the mean live diagonal to 1 keeps the
+    # Cholesky well scaled and makes ``damp`` the relative dampening λ = damp · mean(diag H).
+    scale = float(torch.diagonal(h)[~dead].mean())
+    if scale <= 0:
+        raise DegenerateHessian("Hessian has a non-positive mean diagonal; it is not XᵀX of any inputs")
+    h = h / scale
+    torch.diagonal(h)[dead] = 1.0
+    upper, used = _upper_inverse_cholesky(h, damp)
+    return PreparedHessian(upper, used, scale)
 
 
 def _block_bounds(columns: int, group_size: int, block_size: int) -> list[tuple[int, int]]:
@@ -188,7 +230,7 @@ def _block_bounds(columns: int, group_size: int, block_size: int) -> list[tuple[
 
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     group_size: int,
     fit: Fit,
     fake_quant: FakeQuant,
@@ -199,51 +241,46 @@ def gptq_quantize(
     """Quantize ``weight [N, K]`` with GPTQ against ``hessian [K, K]`` in static groups of
     ``group_size`` input columns (``K`` for one scale per output channel).
 
-    - dampening: ``damp · mean(diag H)`` is added to the diagonal (mean over live columns);
-    - dead columns (``diag H == 0``: the input is always zero there) get a unit diagonal; their
-      row and column of ``H`` are zero, so they are rounded to nearest and pass no error on.
-      Unlike the reference implementation their weights are kept, not zeroed, so inputs that
-      are non-zero there after calibration still see the original weight up to rounding;
-    - columns are quantized in order, within blocks of ``block_size`` with immediate error
-      feedback, and the accumulated block error is applied to the later columns between blocks.
+    ``hessian`` is a raw ``H`` (prepared here with ``damp``, see :func:`prepare_hessian`) or a
+    :class:`PreparedHessian` (``damp`` is then ignored), which saves the two Cholesky
+    factorisations when one layer is quantized to several formats.
 
-    Raises :class:`DegenerateHessian` when ``H`` is all zero, not finite, or not positive
-    definite after extra dampening, and ``ValueError`` for inconsistent shapes.
+    Columns are quantized in order. Inside a block of ``block_size`` columns each column's
+    error is fed to the later columns of the block at once; the block's accumulated error
+    reaches the columns after it in one matrix product (the lazy batch update). Group ``g``'s
+    parameters are fitted when column ``g · group_size`` is reached, on the updated weights.
+
+    Rows are independent given ``H``: layers fed the same input (q/k/v) can be quantized in one
+    call on their stacked weights and split afterwards, with the same result.
+
+    Raises :class:`DegenerateHessian` (see :func:`prepare_hessian`) and ``ValueError`` for
+    inconsistent shapes.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     n, k = weight.shape
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={k}")
+    h_shape = tuple((hessian.upper if isinstance(hessian, PreparedHessian) else hessian).shape)
+    if h_shape != (k, k):
+        raise ValueError(f"Hessian shape {h_shape} does not match in_features={k}")
     if group_size <= 0 or k % group_size != 0:
         raise ValueError(f"group size {group_size} does not divide in_features={k}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-
-    h = hessian.detach().to(weight.device, torch.float32).clone()
-    if not bool(torch.isfinite(h).all()):
-        raise DegenerateHessian("Hessian has non-finite entries")
-    dead = torch.diagonal(h) == 0
-    if bool(dead.all()):
-        raise DegenerateHessian("Hessian is zero: the layer saw only zero inputs (or never ran)")
-    # GPTQ does not change when H is scaled; normalising the mean live diagonal to 1 keeps the
-    # Cholesky well scaled and makes ``damp`` the relative dampening λ = damp · mean(diag H).
-    h_scale = float(torch.diagonal(h)[~dead].mean())
-    if h_scale <= 0:
-        raise DegenerateHessian("Hessian has a non-positive mean diagonal; it is not XᵀX of any inputs")
-    h = h / h_scale
-    torch.diagonal(h)[dead] = 1.0
-    upper, used_damp = _upper_inverse_cholesky(h, damp)
+    if not isinstance(hessian, PreparedHessian):
+        hessian = prepare_hessian(hessian, damp, weight.device)
+    upper = hessian.upper.to(weight.device)
 
     w = weight.detach().to(torch.float32).clone()
-    q = torch.zeros_like(w)
+    q = torch.empty_like(w)
     params: list[Any] = [None] * (k // group_size)
-    loss = torch.zeros((), dtype=torch.float32, device=w.device)
+    loss = 0.0
 
     for b0, b1 in _block_bounds(k, group_size, block_size):
         w_block = w[:, b0:b1].clone()
-        err_block = torch.zeros_like(w_block)
+        q_block = torch.empty_like(w_block)
         u_block = upper[b0:b1, b0:b1]
+        u_diag = torch.diagonal(u_block)
+        u_rows = u_block / u_diag[:, None]  # row i of U divided by U_ii
         for i in range(b1 - b0):
             col = b0 + i
             group, offset = divmod(col, group_size)
@@ -255,15 +292,16 @@ def gptq_quantize(
                 params[group] = fit(source)
             column = w_block[:, i:i + 1]
             column_q = fake_quant(column, params[group], offset)
-            q[:, col:col + 1] = column_q
-            d = u_block[i, i]
-            err = (column - column_q) / d
-            loss += err.pow(2).sum() / 2
-            w_block[:, i:] -= err * u_block[i:i + 1, i:]
-            err_block[:, i:i + 1] = err
-        w[:, b1:] -= err_block @ upper[b0:b1, b1:]
+            q_block[:, i:i + 1] = column_q
+            # Error feedback: w_j -= (w_i - q_i) · U_ij / U_ii for the later columns j > i.
+            # Column i itself is final from here on; it is kept to compute the block error.
+            w_block[:, i + 1:].addmm_(column - column_q, u_rows[i:i + 1, i + 1:], alpha=-1.0)
+        err_block = (w_block - q_block) / u_diag
+        q[:, b0:b1] = q_block
+        w[:, b1:].addmm_(err_block, upper[b0:b1, b1:], alpha=-1.0)
+        loss += float(err_block.pow(2).sum()) / 2
 
-    return GPTQResult(q, params, group_size, used_damp, float(loss) * h_scale)
+    return GPTQResult(q, params, group_size, hessian.damp, loss * hessian.scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +313,8 @@ def gptq_quantize(
 class Int4GroupParams:
     scale: torch.Tensor  # [N, 1] fp32, already rounded to its fp16 storage
     zero_point: torch.Tensor  # [N, 1] int32 in [0, 15]
+    low: torch.Tensor  # [N, 1] fp32 -zero_point: lowest code minus the zero point
+    high: torch.Tensor  # [N, 1] fp32 15 - zero_point: highest code minus the zero point
 
 
 @dataclass(frozen=True)
@@ -289,15 +329,15 @@ def fit_int4(w_group: torch.Tensor, clip_search: bool = True) -> Int4GroupParams
     choose = P.choose_qparams_affine_mse if clip_search else P.choose_qparams_affine
     scale, zero_point = choose(w_group.float(), (1, g), 0, 15)
     scale = scale.to(torch.float16).float().clamp(min=P.SCALE_EPS)
-    return Int4GroupParams(scale, zero_point)
+    zp = zero_point.float()
+    return Int4GroupParams(scale, zero_point, -zp, 15.0 - zp)
 
 
 def fake_quant_int4(w_cols: torch.Tensor, params: Int4GroupParams, col_offset: int = 0) -> torch.Tensor:
-    """``(clamp(round(w / s) + zp, 0, 15) - zp) * s`` — the same arithmetic as
-    ``primitives.quantize_affine`` followed by ``primitives.dequantize_affine``."""
-    zp = params.zero_point.float()
-    q = (torch.round(w_cols.float() / params.scale) + zp).clamp(0, 15)
-    return (q - zp) * params.scale
+    """``(clamp(round(w / s) + zp, 0, 15) - zp) · s``, computed as
+    ``clamp(round(w / s), -zp, 15 - zp) · s`` (equal: the values are small integers), the same
+    result as ``primitives.quantize_affine`` followed by ``primitives.dequantize_affine``."""
+    return torch.round(w_cols.float() / params.scale).clamp_(params.low, params.high).mul_(params.scale)
 
 
 def fit_int8(w_rows: torch.Tensor) -> Int8ChannelParams:
@@ -306,7 +346,7 @@ def fit_int8(w_rows: torch.Tensor) -> Int8ChannelParams:
 
 
 def fake_quant_int8(w_cols: torch.Tensor, params: Int8ChannelParams, col_offset: int = 0) -> torch.Tensor:
-    return torch.round(w_cols.float() / params.scale).clamp(-127, 127) * params.scale
+    return torch.round(w_cols.float() / params.scale).clamp_(-127, 127).mul_(params.scale)
 
 
 def encode_int4(
