@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoq import formats as formats_registry
+from autoq.formats import UNQUANTIZED
 from autoq.kernels import default_backend, requested_backend
 from autoq.primitives import sqnr_db
 from autoq.profile import Profile
@@ -51,7 +52,6 @@ Report = Callable[[float, str], None]
 
 SQNR_FLOOR_DB = 10.0
 MIN_BUCKET = 16
-UNQUANTIZED = "none"
 
 
 @dataclass
@@ -121,7 +121,8 @@ def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
     if fmt == UNQUANTIZED:
         return None
     weight = float_weight(module)
-    reason = formats_registry.get(fmt).check(*weight.shape)
+    format_ = formats_registry.get(fmt)
+    reason = format_.unsupported_reason(weight.device) or format_.check(*weight.shape)
     if reason:
         return reason
     try:

@@ -214,3 +214,42 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).mean().clamp(min=1e-30) / noise))
+
+
+def pack_int32(values: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Pack unsigned ``num_bits`` values ``[R, C]`` into int32 words ``[R, ceil(C * bits / 32)]``.
+
+    Value ``j`` of each run of ``32 // num_bits`` sits at bits ``num_bits * j`` of its word
+    (compressed-tensors' order); the last word is padded with zeros.
+    """
+    per_word = 32 // num_bits
+    rows, cols = values.shape
+    padded = torch.nn.functional.pad(values.to(torch.uint8), (0, (-cols) % per_word))
+    padded = padded.reshape(rows, -1, per_word)
+    words = torch.zeros(padded.shape[:2], dtype=torch.int64, device=values.device)
+    for j in range(per_word):
+        words |= padded[..., j].to(torch.int64) << (num_bits * j)
+    # Reinterpret the unsigned 32-bit pattern as int32.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: int32 ``[R, W]`` -> unsigned values, uint8 ``[R, cols]``."""
+    mask = (1 << num_bits) - 1
+    parts = [((words >> (num_bits * j)) & mask).to(torch.uint8) for j in range(32 // num_bits)]
+    return torch.stack(parts, dim=-1).reshape(words.shape[0], -1)[:, :cols]
+
+
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_fp8_e4m3(x: torch.Tensor, block_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``float8_e4m3fn`` values and fp32 scales per block, ``absmax`` mapped to 448."""
+    scale = (block_amax(x.float(), block_size) / FP8_E4M3_MAX).clamp(min=SCALE_EPS**2)
+    q = (x.float() / _expand(scale, block_size)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return q.to(torch.float8_e4m3fn), scale
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic fp8 e4m3 per row of a 2-D activation ``[M, K]`` → (fp8, fp32 scale [M, 1])."""
+    return quantize_fp8_e4m3(x, (1, x.shape[-1]))

@@ -52,6 +52,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from autoq.calibration import Batch, run_batch, to_device
+from autoq.formats import UNQUANTIZED
 from autoq.profile import eval_mode, model_device
 from autoq.swap import QuantizedMemo, quantized_copy, swapped
 
@@ -59,7 +60,6 @@ Report = Callable[[float, str], None]
 LossFn = Callable[[object, Batch], torch.Tensor]
 
 PROBES = 8
-UNQUANTIZED = "none"
 
 
 def output_tensor(output) -> torch.Tensor:

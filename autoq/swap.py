@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from autoq import formats
-from autoq.kernels import QuantizedWeight
+from autoq.formats import QuantizedWeight
 from autoq.modules import QuantizedLinear, quantize_layer
 
 try:  # transformers is a dependency, but keep the swap usable on plain PyTorch models.
@@ -48,8 +48,15 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     return int(out_features), int(in_features)
 
 
-def _embedding_storages(model: nn.Module) -> set[int]:
-    return {m.weight.untyped_storage().data_ptr() for m in model.modules()
+def tensor_identity(t: torch.Tensor) -> tuple:
+    """Two tensors are the same tensor exactly when these match: the same view (offset, shape,
+    strides, dtype) of the same memory. Different views of one buffer are different tensors."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
+def _embedding_weights(model: nn.Module) -> set[tuple]:
+    return {tensor_identity(m.weight) for m in model.modules()
             if isinstance(m, nn.Embedding) and m.weight.device.type != "meta"}
 
 
@@ -70,11 +77,12 @@ def quantized_copy(module: nn.Module, fmt: str, name: str = "",
 
 def tied_to_embedding(model: nn.Module) -> set[str]:
     """Names of quantizable layers whose weight is shared with an input embedding."""
-    storages = _embedding_storages(model)
+    embeddings = _embedding_weights(model)
     tied = set()
     for name, module in model.named_modules():
         if is_quantizable(module) and module.weight.device.type != "meta":
-            if module.weight.untyped_storage().data_ptr() in storages:
+            if tensor_identity(float_weight(module)) in embeddings or \
+                    tensor_identity(module.weight) in embeddings:
                 tied.add(name)
     config = getattr(model, "config", None)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
@@ -146,7 +154,7 @@ def apply(
                 f"{name!r} is not a quantizable layer of this model; valid names ({len(valid)}): "
                 f"{', '.join(valid[:12])}{' ...' if len(valid) > 12 else ''}"
             )
-        if fmt.family == "none":
+        if not fmt.quantized:
             continue
         if canonical in tied:
             raise ValueError(
@@ -163,7 +171,7 @@ def apply(
     per_module: dict[str, str] = {}
     for name, fmt_name in assignment.items():
         canonical = aliases.get(name, name)
-        if fmt_name == "none" or _matches(name, exclude):
+        if not formats.get(fmt_name).quantized or _matches(name, exclude):
             continue
         if per_module.setdefault(canonical, fmt_name) != fmt_name:
             raise ValueError(
@@ -172,11 +180,11 @@ def apply(
             )
 
     parents = _parents_of(model)
-    quantized_weights: dict[tuple[int, str], QuantizedWeight] = {}
+    quantized_weights: dict[tuple[tuple, str], QuantizedWeight] = {}
     for canonical, fmt_name in per_module.items():
         module = candidates[canonical]
         weight = float_weight(module)
-        key = (module.weight.untyped_storage().data_ptr(), fmt_name)
+        key = (tensor_identity(module.weight), fmt_name)
         qlayer = quantize_layer(weight, module.bias, fmt_name, quantized_weights.get(key))
         quantized_weights.setdefault(key, qlayer.quantized_weight())
         for parent, attr in parents[id(module)]:

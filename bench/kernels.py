@@ -58,7 +58,7 @@ class Layer:
     """One (N, K) weight in every representation the benchmark times."""
 
     def __init__(self, n: int, k: int, group_size: int):
-        from autoq.kernels import QuantizedWeight
+        from autoq.formats import QuantizedWeight
         from autoq.kernels import triton_backend as tb
         from autoq.primitives import pack_int4
 
@@ -70,14 +70,14 @@ class Layer:
         q8 = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
         s8 = torch.rand(n, device="cuda", generator=g) * 1e-3 + 1e-4
         self.int8 = QuantizedWeight(q8, s8, None, n, k)
-        self.int8_prepared = tb.prepare("int8_weight_only", self.int8)
+        self.int8_prepared = tb.INT8_WEIGHT_ONLY.prepare(self.int8)
 
         q4 = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.uint8)
         zp = torch.randint(0, 16, (n, k // group_size), device="cuda", generator=g,
                            dtype=torch.uint8)
         s4 = (torch.rand(n, k // group_size, device="cuda", generator=g) * 2e-3 + 1e-4).half()
         self.int4 = QuantizedWeight(pack_int4(q4), s4, zp, n, k, group_size)
-        self.int4_prepared = tb.prepare("int4", self.int4)
+        self.int4_prepared = tb.INT4.prepare(self.int4)
 
         # tinygemm: uint8 [N, K/2] with the even element in the high nibble, inner_k_tiles=8;
         # w = (q - 8) * scale + zero, so zero = (8 - zp) * scale; [K/G, N, 2] bf16.
@@ -104,37 +104,37 @@ class Layer:
         from autoq.kernels import triton_backend as tb
         from autoq.kernels.tuning import DEQUANT
 
-        int8_dynamic = tb.prepare("int8_dynamic", self.int8)
+        int8_dynamic = tb.INT8_DYNAMIC.prepare(self.int8)
         xq = torch.randint(-127, 128, x.shape, device="cuda", dtype=torch.int8)
         return {
             "bf16": lambda: F.linear(x, self.w_bf16),
-            "int8_dynamic": lambda: tb.linear("int8_dynamic", x, int8_dynamic, None),
+            "int8_dynamic": lambda: tb.INT8_DYNAMIC.linear(x, int8_dynamic, None),
             "_int_mm": (lambda: torch._int_mm(xq, self.int8.qweight.t())) if x.shape[0] > 16
             else None,
-            "int8_weight_only": lambda: tb.linear("int8_weight_only", x, self.int8_prepared, None),
-            "int8 deq+cuBLAS": lambda: tb.run("int8_weight_only", x, self.int8_prepared, None,
-                                              DEQUANT),
-            "int4": lambda: tb.linear("int4", x, self.int4_prepared, None),
+            "int8_weight_only": lambda: tb.INT8_WEIGHT_ONLY.linear(x, self.int8_prepared, None),
+            "int8 deq+cuBLAS": lambda: tb.INT8_WEIGHT_ONLY.run(x, self.int8_prepared, None, DEQUANT),
+            "int4": lambda: tb.INT4.linear(x, self.int4_prepared, None),
             "tinygemm": lambda: torch.ops.aten._weight_int4pack_mm(
                 x, self.tinygemm_weight, self.group_size, self.tinygemm_scale_zeros),
-            "int4 deq+cuBLAS": lambda: tb.run("int4", x, self.int4_prepared, None, DEQUANT),
+            "int4 deq+cuBLAS": lambda: tb.INT4.run(x, self.int4_prepared, None, DEQUANT),
         }
 
     def max_errors(self, x: torch.Tensor, runners: dict) -> dict[str, float]:
         """Relative max error of each quantized result against the reference backend."""
-        from autoq.kernels import reference
+        from autoq import formats
 
+        int4 = formats.get(f"int4_g{self.group_size}")
         expected = {
-            "int8_dynamic": reference.linear("int8_dynamic", x, self.int8, None),
-            "int8_weight_only": reference.linear("int8_weight_only", x, self.int8, None),
-            "int4": reference.linear("int4", x, self.int4, None),
+            "int8_dynamic": formats.get("int8_dynamic").reference_linear(x, self.int8, None),
+            "int8_weight_only": formats.get("int8_weight_only").reference_linear(x, self.int8, None),
+            "int4": int4.reference_linear(x, self.int4, None),
         }
-        family_of = {"int8_dynamic": "int8_dynamic", "int8_weight_only": "int8_weight_only",
+        reference_of = {"int8_dynamic": "int8_dynamic", "int8_weight_only": "int8_weight_only",
                      "int8 deq+cuBLAS": "int8_weight_only", "int4": "int4",
                      "tinygemm": "int4", "int4 deq+cuBLAS": "int4"}
         errors = {}
-        for column, family in family_of.items():
-            ref = expected[family].float()
+        for column, kind in reference_of.items():
+            ref = expected[kind].float()
             y = runners[column]().float()
             errors[column] = float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
         return errors

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from autoq import formats
-from autoq.kernels import select_backend
-from autoq.modules import Int4Linear, Int8DynamicLinear, quantize_layer
+from autoq.kernels import ReferenceKernel
+from autoq.modules import QuantizedLinear, quantize_layer
 
 QUANTIZED = [f for f in formats.names() if f != "none"]
 # Relative error of the module vs F.linear with its own dequantized weight. The native weight-only
@@ -36,7 +36,7 @@ def test_native_and_reference_backends_agree(fmt, monkeypatch):
     layer = nn.Linear(128, 48)
     q = quantize_layer(layer.weight, layer.bias, fmt)
     x = torch.randn(17, 128)
-    assert select_backend(q.family, q.quantized_weight(), x) == "native"
+    assert q.backend_for(x) == "native"
     native = q(x)
     monkeypatch.setenv("AUTOQ_BACKEND", "reference")
     reference = q(x)
@@ -47,7 +47,7 @@ def test_int4_native_needs_n_multiple_of_16_and_falls_back_to_reference():
     layer = nn.Linear(64, 24)
     q = quantize_layer(layer.weight, layer.bias, "int4_g32")
     x = torch.randn(4, 64)
-    assert select_backend("int4", q.quantized_weight(), x) == "reference"
+    assert q.backend_for(x) == "reference"
     assert torch.isfinite(q(x)).all()
 
 
@@ -95,29 +95,34 @@ def test_state_dict_bytes_reflect_the_format(fmt, max_ratio):
 
 
 def test_int4_g128_of_4096_square_is_about_8_5_mb():
-    q = Int4Linear(4096, 4096, False, "int4_g128", device="meta")
+    q = QuantizedLinear(4096, 4096, False, "int4_g128", device="meta")
     size = sum(t.numel() * t.element_size() for t in q.state_dict().values())
     assert 8.3e6 < size < 8.9e6
 
 
 def test_meta_construction_and_format_check():
-    m = Int8DynamicLinear(32, 16, True, "int8_dynamic", device="meta")
+    m = QuantizedLinear(32, 16, True, "int8_dynamic", device="meta")
     assert m.qweight.device.type == "meta" and m.qweight.dtype == torch.int8
+    assert not hasattr(m, "zero_point")
     with pytest.raises(ValueError, match="not divisible by group size 128"):
-        Int4Linear(96, 16, False, "int4_g128")
+        QuantizedLinear(96, 16, False, "int4_g128")
+    with pytest.raises(ValueError, match="no quantized module"):
+        QuantizedLinear(32, 16, False, "none")
 
 
 def test_module_is_not_dequantize_then_matmul_on_cpu(monkeypatch):
-    """The native path never calls the reference dequantizer."""
-    import autoq.kernels.reference as reference
-
-    def boom(*a, **k):
-        raise AssertionError("reference dequantization used on a natively supported shape")
-
-    monkeypatch.setattr(reference, "dequantize_weight", boom)
+    """Natively supported shapes run the native kernels: the reference path is never taken."""
+    calls = []
+    monkeypatch.setattr(ReferenceKernel, "linear", lambda self, *a: calls.append(self.fmt.name))
+    monkeypatch.setattr(type(formats.get("int4_g32")), "dequantize",
+                        lambda *a, **k: calls.append("dequantize"))
     for fmt in QUANTIZED:
         q = quantize_layer(torch.randn(64, 128), torch.randn(64), fmt)
-        q(torch.randn(3, 128))
+        x = torch.randn(3, 128)
+        assert q.backend_for(x) == "native", fmt
+        y = q(x)
+        assert y.shape == (3, 64) and torch.isfinite(y).all()
+    assert calls == []
 
 
 def test_unknown_format_names_valid_ones():

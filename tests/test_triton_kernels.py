@@ -17,8 +17,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+from autoq import formats  # noqa: E402
 from autoq import primitives as P  # noqa: E402
-from autoq.kernels import QuantizedWeight, reference, select_backend, tuning  # noqa: E402
+from autoq.formats import QuantizedWeight  # noqa: E402
+from autoq.kernels import select_kernel, tuning  # noqa: E402
 from autoq.kernels import triton_backend as tb  # noqa: E402
 from autoq.kernels.triton_int8 import quantize_per_token  # noqa: E402
 from autoq.kernels.tuning import KernelConfig  # noqa: E402
@@ -31,6 +33,22 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # truncates fp32 -> bf16 instead of rounding to nearest).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ZERO_ROW = 1  # an all-zero weight row (output column == bias exactly)
+
+
+# The Triton kernel and a format whose reference arithmetic it is checked against, per kernel.
+KERNELS = {"int8_dynamic": tb.INT8_DYNAMIC, "int8_weight_only": tb.INT8_WEIGHT_ONLY, "int4": tb.INT4}
+REFERENCE = {"int8_dynamic": formats.get("int8_dynamic"),
+             "int8_weight_only": formats.get("int8_weight_only"), "int4": formats.get("int4_g32")}
+
+
+def linear(kind: str, x, weight, bias):
+    kernel = KERNELS[kind]
+    return kernel.linear(x, kernel.prepare(weight), bias)
+
+
+def run(kind: str, x, weight, bias, config):
+    kernel = KERNELS[kind]
+    return kernel.run(x, kernel.prepare(weight), bias, config)
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +98,7 @@ def make_bias(n: int, dtype: torch.dtype, with_bias: bool) -> torch.Tensor | Non
 
 def check(y: torch.Tensor, family: str, x: torch.Tensor, weight: QuantizedWeight,
           bias: torch.Tensor | None) -> None:
-    expected = reference.linear(family, x, weight, bias)
+    expected = REFERENCE[family].reference_linear(x, weight, bias)
     assert y.shape == expected.shape and y.dtype == x.dtype
     scale = float(expected.float().abs().max()) + 1e-6
     tol = TOLERANCE[x.dtype]
@@ -103,7 +121,7 @@ def check(y: torch.Tensor, family: str, x: torch.Tensor, weight: QuantizedWeight
 def test_int8_dynamic_matches_reference(m, dtype, with_bias):
     weight = int8_weight(40, 160)
     x, bias = activation(m, 160, dtype), make_bias(40, dtype, with_bias)
-    y = tb.linear("int8_dynamic", x, tb.prepare("int8_dynamic", weight), bias)
+    y = linear("int8_dynamic", x, weight, bias)
     check(y, "int8_dynamic", x, weight, bias)
 
 
@@ -113,7 +131,7 @@ def test_int8_dynamic_matches_reference(m, dtype, with_bias):
 def test_int8_weight_only_matches_reference(m, dtype, with_bias):
     weight = int8_weight(72, 96)
     x, bias = activation(m, 96, dtype), make_bias(72, dtype, with_bias)
-    y = tb.linear("int8_weight_only", x, tb.prepare("int8_weight_only", weight), bias)
+    y = linear("int8_weight_only", x, weight, bias)
     check(y, "int8_weight_only", x, weight, bias)
 
 
@@ -124,7 +142,7 @@ def test_int8_weight_only_matches_reference(m, dtype, with_bias):
 def test_int4_matches_reference(group, k, n, m, dtype, with_bias):
     weight = int4_weight(n, k, group)
     x, bias = activation(m, k, dtype), make_bias(n, dtype, with_bias)
-    y = tb.linear("int4", x, tb.prepare("int4", weight), bias)
+    y = linear("int4", x, weight, bias)
     check(y, "int4", x, weight, bias)
 
 
@@ -149,7 +167,7 @@ def test_weight_only_kernel_paths(family, name, dtype):
     m = 70 if name == "mm-swizzle" else 3
     weight = int8_weight(72, 160) if family == "int8_weight_only" else int4_weight(72, 160, 32)
     x, bias = activation(m, 160, dtype), make_bias(72, dtype, True)
-    y = tb.run(family, x, tb.prepare(family, weight), bias, CONFIGS[name])
+    y = run(family, x, weight, bias, CONFIGS[name])
     check(y, family, x, weight, bias)
 
 
@@ -158,21 +176,20 @@ def test_int4_tile_within_group(block_k, group, split_k):
     weight = int4_weight(40, 5 * group, group)
     x, bias = activation(17, 5 * group, torch.float16), make_bias(40, torch.float16, True)
     config = KernelConfig("mm", 16, 32, block_k, split_k, 4, 4, 2)
-    check(tb.run("int4", x, tb.prepare("int4", weight), bias, config), "int4", x, weight, bias)
+    check(run("int4", x, weight, bias, config), "int4", x, weight, bias)
 
 
 def test_int4_gemv_tile_spanning_groups():
     weight = int4_weight(40, 5 * 32, 32)
     x = activation(2, 160, torch.float32)
     config = KernelConfig("gemv", 1, 32, 128, 1, 1, 4, 2)  # a 128-wide tile covers 4 groups
-    check(tb.run("int4", x, tb.prepare("int4", weight), None, config), "int4", x, weight, None)
+    check(run("int4", x, weight, None, config), "int4", x, weight, None)
 
 
 def test_int4_gemm_rejects_tile_across_groups():
     weight = int4_weight(40, 160, 32)
     with pytest.raises(ValueError, match="must divide the group size"):
-        tb.run("int4", activation(20, 160, torch.float16), tb.prepare("int4", weight), None,
-               KernelConfig("mm", 16, 32, 64))
+        run("int4", activation(20, 160, torch.float16), weight, None, KernelConfig("mm", 16, 32, 64))
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -180,7 +197,7 @@ def test_int8_dynamic_split_k(split_k):
     weight = int8_weight(40, 160)
     x, bias = activation(5, 160, torch.float16), make_bias(40, torch.float32, True)
     config = KernelConfig("mm", 16, 32, 32, split_k, 8, 4, 2)
-    y = tb.run("int8_dynamic", x, tb.prepare("int8_dynamic", weight), bias, config)
+    y = run("int8_dynamic", x, weight, bias, config)
     check(y, "int8_dynamic", x, weight, bias)
 
 
@@ -205,7 +222,7 @@ def test_quantize_per_token_is_exact(dtype):
 
 def test_int4_prepared_layout():
     weight = int4_weight(24, 96, 32)
-    prepared = tb.prepare("int4", weight)
+    prepared = tb.INT4.prepare(weight)
     words = prepared.qweight.cpu().to(torch.int64) & 0xFFFFFFFF
     assert prepared.qweight.dtype == torch.int32 and tuple(words.shape) == (96 // 8, 24)
     nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1)  # [K/8, 8, N]
@@ -233,8 +250,7 @@ def test_module_forward_uses_triton_and_matches_reference(monkeypatch, format_na
     x[1, 4] = 0.0
 
     monkeypatch.setenv("AUTOQ_BACKEND", "triton")
-    family = module.family
-    assert select_backend(family, module.quantized_weight(), x.reshape(-1, 256)) == "triton"
+    assert module.backend_for(x) == "triton"
     with torch.no_grad():
         y = module(x)
     monkeypatch.setenv("AUTOQ_BACKEND", "reference")
@@ -251,24 +267,23 @@ def test_cpu_tensor_without_interpreter_falls_back(monkeypatch):
     x = torch.randn(3, 96)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("AUTOQ_BACKEND", "triton")
-    assert "TRITON_INTERPRET" in tb.supports("int8_weight_only", weight, x)
-    assert select_backend("int8_weight_only", weight, x) == "reference"
+    assert "TRITON_INTERPRET" in tb.INT8_WEIGHT_ONLY.supports(weight, x)
+    selection = select_kernel(formats.get("int8_weight_only"), weight, x)
+    assert selection.backend == "reference" and "TRITON_INTERPRET" in selection.fallback_reason
 
 
 def test_supports_rejects_unsupported_inputs():
     weight = int4_weight(40, 96, 32)
     x = torch.randn(3, 96).to(DEVICE)
-    assert tb.supports("int4", weight, x) is None
-    assert "float64" in tb.supports("int4", weight, x.double())
+    assert tb.INT4.supports(weight, x) is None
+    assert "float64" in tb.INT4.supports(weight, x.double())
     odd_group = QuantizedWeight(weight.qweight, weight.scale, weight.zero_point, 40, 96, 48)
-    assert "group size" in tb.supports("int4", odd_group, x)
-    assert tb.supports("fp8", weight, x) is not None
+    assert "group size" in tb.INT4.supports(odd_group, x)
 
 
 def test_empty_batch():
     weight = int8_weight(40, 96)
-    y = tb.linear("int8_weight_only", torch.empty(0, 96, device=DEVICE),
-                  tb.prepare("int8_weight_only", weight), None)
+    y = linear("int8_weight_only", torch.empty(0, 96, device=DEVICE), weight, None)
     assert y.shape == (0, 40)
 
 
@@ -281,12 +296,13 @@ def test_empty_batch():
                                            ("int4", 32), ("int4", 128)])
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 2048])
 def test_candidates_are_valid(family, group, m):
-    configs = tuning.candidates(family, m, 4096, group)
+    traits = KERNELS[family].traits
+    configs = tuning.candidates(traits, m, 4096, group)
     assert configs and len(set(configs)) == len(configs)
     for config in configs:
         assert config.kernel in tuning.KERNELS
-        assert config.kernel != "gemv" or (m <= 4 and family != "int8_dynamic")
-        assert config.kernel != "dequant" or (m >= 64 and family != "int8_dynamic")
+        assert config.kernel != "gemv" or (m <= 4 and traits.weight_only)
+        assert config.kernel != "dequant" or (m >= 64 and traits.weight_only)
         if config.kernel == "mm":
             assert config.block_m >= 16 and config.block_k >= 32
             assert group is None or group % config.block_k == 0
@@ -309,7 +325,7 @@ def test_tuner_picks_fastest_and_persists(tmp_path, monkeypatch):
             raise OutOfResources(300000, 232448, "shared memory")
         return timings[config]
 
-    key = tuning.tuning_key("int4", torch.bfloat16, 1, 4096, 14336, 128)
+    key = tuning.tuning_key(tb.INT4.traits, torch.bfloat16, 1, 4096, 14336, 128)
     assert key == "int4|bfloat16|m1|n4096|k14336|g128"
     assert tuning.Tuner("NVIDIA Fake GPU 80GB").tune(key, [slow, too_big, fast], time_ms) == fast
 

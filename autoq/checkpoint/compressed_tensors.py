@@ -65,7 +65,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,48 +91,9 @@ FUSED_SIBLINGS = (
 # --------------------------------------------------------------------------- schemes
 
 
-def _int_args(
-    num_bits: int,
-    symmetric: bool,
-    strategy: str,
-    group_size: int | None = None,
-    dynamic: bool = False,
-) -> dict:
-    return {
-        "num_bits": num_bits,
-        "type": "int",
-        "symmetric": symmetric,
-        "strategy": strategy,
-        "group_size": group_size,
-        "dynamic": dynamic,
-    }
-
-
 def scheme_for(format_name: str) -> dict:
     """The compressed-tensors scheme (without targets) for an autoq format."""
-    fmt = formats.get(format_name)
-    if fmt.family == "int8_dynamic":
-        return {
-            "weights": _int_args(8, True, "channel"),
-            "input_activations": _int_args(8, True, "token", dynamic=True),
-            "output_activations": None,
-            "format": "int-quantized",
-        }
-    if fmt.family == "int8_weight_only":
-        return {
-            "weights": _int_args(8, True, "channel"),
-            "input_activations": None,
-            "output_activations": None,
-            "format": "pack-quantized",
-        }
-    if fmt.family == "int4":
-        return {
-            "weights": _int_args(4, False, "group", fmt.group_size),
-            "input_activations": None,
-            "output_activations": None,
-            "format": "pack-quantized",
-        }
-    raise ValueError(f"format {format_name!r} has no compressed-tensors scheme")
+    return formats.get(format_name).ct_scheme()
 
 
 def _args_with_defaults(args: dict | None) -> dict | None:
@@ -185,91 +145,21 @@ def format_for_scheme(group: str, scheme: dict) -> str:
     """The autoq format that runs a compressed-tensors scheme; ValueError naming it otherwise."""
     weights = _args_with_defaults(scheme.get("weights"))
     acts = _args_with_defaults(scheme.get("input_activations"))
-    found = None
-    plain_int_weights = (
-        weights is not None
-        and weights["type"] == "int"
-        and not weights["dynamic"]
-        and weights["actorder"] in (None, "weight", "static")
-        and scheme.get("output_activations") is None
-    )
-    if (
-        plain_int_weights
-        and weights["num_bits"] == 8
-        and weights["symmetric"]
-        and weights["strategy"] in ("channel", "tensor")
-    ):
-        if acts is None:
-            found = "int8_weight_only"
-        elif (
-            acts["type"] == "int"
-            and acts["num_bits"] == 8
-            and acts["symmetric"]
-            and acts["strategy"] == "token"
-            and acts["dynamic"] is True
-        ):
-            found = "int8_dynamic"
-    elif (
-        plain_int_weights
-        and weights["num_bits"] == 4
-        and weights["strategy"] == "group"
-        and acts is None
-    ):
-        found = next(
-            (
-                f.name
-                for f in formats.all_formats()
-                if f.family == "int4" and f.group_size == weights["group_size"]
-            ),
-            None,
-        )
-    if found is None:
-        int4_sizes = sorted(f.group_size for f in formats.all_formats() if f.family == "int4")
-        raise ValueError(
-            f"{describe_scheme(group, scheme)} has no autoq format. autoq reads: int8 symmetric "
-            f"channel weights (optionally with int8 symmetric dynamic per-token activations) and "
-            f"int4 group weights with group size {', '.join(map(str, int4_sizes))}"
-        )
-    return found
+    if weights is not None and scheme.get("output_activations") is None:
+        for fmt in formats.all_formats():
+            if fmt.quantized and fmt.ct_accepts(weights, acts):
+                return fmt.name
+    readable = "; ".join(f"{f.name} ({f.description})" for f in formats.all_formats() if f.quantized)
+    raise ValueError(f"{describe_scheme(group, scheme)} has no autoq format. autoq reads: {readable}")
 
 
 # --------------------------------------------------------------------------- packing
 
-
-def pack_int32(values: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Pack unsigned ``num_bits`` values ``[R, C]`` into int32 words ``[R, ceil(C * bits / 32)]``.
-
-    Value ``j`` of each run of ``32 // num_bits`` sits at bits ``num_bits * j`` of its word
-    (compressed-tensors' order); the last word is padded with zeros.
-    """
-    per_word = 32 // num_bits
-    rows, cols = values.shape
-    padded = F.pad(values.to(torch.uint8), (0, (-cols) % per_word)).reshape(rows, -1, per_word)
-    words = torch.zeros(padded.shape[:2], dtype=torch.int64, device=values.device)
-    for j in range(per_word):
-        words |= padded[..., j].to(torch.int64) << (num_bits * j)
-    # Reinterpret the unsigned 32-bit pattern as int32.
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def unpack_int32(words: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int32`: int32 ``[R, W]`` -> unsigned values, uint8 ``[R, cols]``."""
-    mask = (1 << num_bits) - 1
-    parts = [((words >> (num_bits * j)) & mask).to(torch.uint8) for j in range(32 // num_bits)]
-    return torch.stack(parts, dim=-1).reshape(words.shape[0], -1)[:, :cols]
+pack_int32 = P.pack_int32
+unpack_int32 = P.unpack_int32
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
-    if wide == narrow:
-        return True
-    return wide in (torch.float32, torch.float64) and narrow in (
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-    )
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -279,29 +169,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _scale_out(scale: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
-    return scale.to(model_dtype) if _holds_exactly(model_dtype, scale.dtype) else scale.clone()
-
-
 def export_layer(module: QuantizedLinear, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One quantized layer's tensors in compressed-tensors' layout (names relative to the layer)."""
-    n, k = module.out_features, module.in_features
-    family = module.format.family
-    out: dict[str, torch.Tensor] = {}
-    if family == "int8_dynamic":
-        out["weight"] = module.qweight.clone()  # layers that share a weight share its qweight
-    elif family == "int8_weight_only":
-        unsigned = (module.qweight.to(torch.int16) + 128).to(torch.uint8)
-        out["weight_packed"] = pack_int32(unsigned, 8)
-    else:  # int4: autoq's unsigned value is compressed-tensors' stored value (q + 8)
-        out["weight_packed"] = pack_int32(P.unpack_int4(module.qweight), 4)
-        out["weight_zero_point"] = pack_int32(module.zero_point.t(), 4).t().contiguous()
-    if family == "int4":
-        out["weight_scale"] = _scale_out(module.scale, model_dtype)
-    else:
-        out["weight_scale"] = _scale_out(module.scale.reshape(n, 1), model_dtype)
-    if "weight_packed" in out:
-        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+    out = module.format.ct_export(module.quantized_weight(), model_dtype)
     if module.bias is not None:
         out["bias"] = module.bias.detach().clone()
     return out
@@ -569,7 +439,6 @@ def import_layer(
     tensors: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Pop one layer's compressed-tensors tensors and return them in autoq's layout."""
-    fmt = formats.get(format_name)
     weights = _args_with_defaults(scheme["weights"])
     n, k = out_features, in_features
     if f"{name}.weight_g_idx" in tensors:
@@ -581,43 +450,7 @@ def import_layer(
         raise ValueError(
             f"layer {name!r}: weight_shape {shape.tolist()} does not match the model's {[n, k]}"
         )
-    packed = tensors.pop(f"{name}.weight_packed", None)
-    plain = tensors.pop(f"{name}.weight", None)
-    if packed is not None:
-        unsigned = unpack_int32(packed, weights["num_bits"], k)
-    elif plain is not None and plain.dtype == torch.int8:
-        unsigned = (plain.to(torch.int16) + (1 << (weights["num_bits"] - 1))).to(torch.uint8)
-    else:
-        stored = "missing" if plain is None else f"stored as {plain.dtype}"
-        raise ValueError(
-            f"layer {name!r}: its quantized weight is {stored}; expected weight_packed (int32) "
-            "or weight (int8)"
-        )
-    if tuple(unsigned.shape) != (n, k):
-        raise ValueError(
-            f"layer {name!r}: weight has shape {tuple(unsigned.shape)}, the model expects {(n, k)}"
-        )
-    scale = tensors.pop(f"{name}.weight_scale")
-    zero_point = tensors.pop(f"{name}.weight_zero_point", None)
-    out = {}
-    if fmt.family == "int4":
-        groups = k // fmt.group_size
-        out["qweight"] = P.pack_int4(unsigned)
-        out["scale"] = scale.reshape(n, groups).to(torch.float16)
-        if weights["symmetric"]:
-            out["zero_point"] = torch.full((n, groups), 8, dtype=torch.uint8, device=scale.device)
-        elif zero_point is None:
-            raise ValueError(f"layer {name!r} is asymmetric but has no weight_zero_point")
-        elif zero_point.dtype == torch.int32:  # packed along the output dimension
-            out["zero_point"] = unpack_int32(zero_point.t().contiguous(), 4, n).t().contiguous()
-        else:  # older writers stored signed int8 zero points unpacked
-            out["zero_point"] = (zero_point.reshape(n, groups).to(torch.int16) + 8).to(torch.uint8)
-    else:
-        out["qweight"] = (unsigned.to(torch.int16) - 128).to(torch.int8)
-        out["scale"] = (
-            scale.float().reshape(-1).expand(n).contiguous()
-        )  # "tensor": one scale for all
-    return out
+    return formats.get(format_name).ct_import(name, weights, tensors, n, k).tensors()
 
 
 def _restore_non_persistent_buffers(

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoq.modules import module_class
-from autoq.swap import _parents_of, quantized_layers
+from autoq.modules import QuantizedLinear
+from autoq.swap import _parents_of, quantized_layers, tensor_identity
 
 CHECKPOINT_VERSION = 1
 METADATA_FILE = "autoq.json"
@@ -40,7 +40,7 @@ def dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for name, t in tensors.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = tensor_identity(t)
         if key in seen:
             aliases[name] = seen[key]
             continue
@@ -118,7 +118,7 @@ def install_quantized_modules(model: nn.Module, layers: dict[str, dict]) -> None
     parents = _parents_of(model)
     for name, spec in layers.items():
         original = model.get_submodule(name)
-        qlayer = module_class(spec["format"])(
+        qlayer = QuantizedLinear(
             spec["in_features"], spec["out_features"], spec["bias"], spec["format"], device="meta",
             bias_dtype=getattr(torch, spec["bias_dtype"]) if spec["bias_dtype"] else torch.float32)
         for parent, attr in parents[id(original)]:

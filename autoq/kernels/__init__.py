@@ -1,20 +1,19 @@
-"""Kernel backends for the quantized Linear formats, and the dispatch between them.
+"""Kernel backends for the quantized formats, and the choice between them.
 
-Every backend implements the same three functions over plain tensors (see ``reference.py``):
+A kernel implements one format on one backend (the ``Kernel`` protocol of ``autoq.formats.base``:
+``supports(weight, x)``, ``prepare(weight)``, ``linear(x, prepared, bias)``). Each backend module
+registers its kernels in the formats' tables with ``autoq.formats.register_kernel`` when it is
+imported:
 
-- ``supports(family, weight, x) -> str | None`` — ``None`` when it can run, else why not;
-- ``prepare(family, weight) -> object`` — convert the checkpoint layout into the backend's own
-  layout, once per device (the module caches the result);
-- ``linear(family, x, prepared, bias) -> Tensor`` — ``x`` is 2-D ``[M, K]``; the result is
-  ``[M, N]`` in ``x.dtype``.
+- ``native``: PyTorch's CPU ops (``native.py``);
+- ``triton``: our Triton kernels — CUDA, or CPU under ``TRITON_INTERPRET=1`` (``triton_backend.py``);
+- ``reference``: the format's own ``reference_linear`` (dequantize, then a float matmul; or the
+  exact activation quantization of W8A8). It runs every shape on every device, so every format
+  has it.
 
-``family`` is ``"int8_dynamic"``, ``"int8_weight_only"`` or ``"int4"``; ``weight`` is a
-:class:`QuantizedWeight` in the checkpoint layout.
-
-Backends: ``native`` (PyTorch's quantized CPU ops), ``triton`` (our kernels; CUDA, or CPU under
-``TRITON_INTERPRET=1``), ``reference`` (dequantize, then a float matmul). ``AUTOQ_BACKEND``
-forces one; by default CUDA tensors use ``triton`` and CPU tensors ``native``. A forced or default
-backend that cannot run a given shape falls back to ``reference``.
+``AUTOQ_BACKEND`` forces a backend; by default CUDA tensors use ``triton`` and CPU tensors
+``native``. A backend with no kernel for a format, or whose kernel cannot run a given shape,
+falls back to ``reference``.
 """
 
 from __future__ import annotations
@@ -22,23 +21,31 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
+from autoq.formats.base import Format, Kernel, QuantizedWeight
+
+__all__ = ["BACKENDS", "QuantizedWeight", "Selection", "kernel_for", "select_kernel"]
+
 BACKENDS = ("native", "triton", "reference")
+_MODULES = {"native": "autoq.kernels.native", "triton": "autoq.kernels.triton_backend"}
 
 
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A quantized weight in the checkpoint layout (see ``autoq.formats`` for each format's)."""
+class ReferenceKernel:
+    """The ``reference`` backend: the format's own arithmetic."""
 
-    qweight: torch.Tensor  # int8 [N, K], or uint8 [N, K // 2] with two int4 values per byte
-    scale: torch.Tensor  # fp32 [N] (int8 formats) or fp16 [N, K // group_size] (int4)
-    zero_point: torch.Tensor | None  # uint8 [N, K // group_size] (int4) or None
-    out_features: int
-    in_features: int
-    group_size: int | None = None
+    def __init__(self, fmt: Format):
+        self.fmt = fmt
+
+    def supports(self, weight: QuantizedWeight, x: torch.Tensor) -> str | None:
+        return None
+
+    def prepare(self, weight: QuantizedWeight) -> QuantizedWeight:
+        return weight
+
+    def linear(self, x: torch.Tensor, prepared: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.fmt.reference_linear(x, prepared, bias)
 
 
 def requested_backend() -> str | None:
@@ -64,29 +71,45 @@ def triton_available() -> bool:
     return True
 
 
-def backend_module(name: str) -> ModuleType:
-    if name == "native":
-        from autoq.kernels import native
-
-        return native
-    if name == "triton":
-        try:
-            return importlib.import_module("autoq.kernels.triton_backend")
-        except ImportError as err:
-            raise RuntimeError(
-                f"AUTOQ_BACKEND=triton but the Triton kernels cannot be imported ({err}); "
-                "install them with `pip install 'autoq[triton]'`"
-            ) from err
+def load_backend(name: str) -> None:
+    """Import a backend module so that its kernels are registered."""
     if name == "reference":
-        from autoq.kernels import reference
+        return
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        importlib.import_module(_MODULES[name])
+    except ImportError as err:
+        if name != "triton":
+            raise
+        raise RuntimeError(
+            f"AUTOQ_BACKEND=triton but the Triton kernels cannot be imported ({err}); "
+            "install them with `pip install 'autoq[triton]'`"
+        ) from err
 
-        return reference
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+def kernel_for(fmt: Format, backend: str) -> Kernel | None:
+    """The format's kernel on ``backend`` (``None`` when that backend has none for it)."""
+    if backend == "reference":
+        return ReferenceKernel(fmt)
+    load_backend(backend)
+    return type(fmt).kernels.get(backend)
 
 
-def select_backend(family: str, weight: QuantizedWeight, x: torch.Tensor) -> str:
-    """The backend that will run ``family`` for this weight and input."""
+@dataclass(frozen=True)
+class Selection:
+    backend: str
+    kernel: Kernel
+    fallback_reason: str | None = None  # why the wanted backend was not used
+
+
+def select_kernel(fmt: Format, weight: QuantizedWeight, x: torch.Tensor) -> Selection:
+    """The kernel that will run ``fmt`` for this weight and input."""
     name = requested_backend() or default_backend(x.device)
-    if name != "reference" and backend_module(name).supports(family, weight, x) is not None:
-        return "reference"
-    return name
+    if name == "reference":
+        return Selection("reference", ReferenceKernel(fmt))
+    kernel = kernel_for(fmt, name)
+    reason = f"the {name} backend has no kernel for {fmt.name}" if kernel is None else kernel.supports(weight, x)
+    if reason is not None:
+        return Selection("reference", ReferenceKernel(fmt), reason)
+    return Selection(name, kernel)

@@ -1,4 +1,4 @@
-"""PyTorch's native quantized CPU ops.
+"""PyTorch's native quantized CPU ops, one kernel per format.
 
 - int8_dynamic: per-token int8 activations, ``torch._int_mm`` (int32 accumulation), scales and
   bias applied after. The weight is passed as the transposed view of ``[N, K]``: oneDNN then
@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from autoq import primitives as P
-from autoq.kernels import QuantizedWeight
+from autoq.formats import QuantizedWeight, register_kernel
+from autoq.formats.integer import Int4Groups, Int8Dynamic, Int8WeightOnly
 
 DEQUANT_GEMM_MIN_M = 128
 # Output rows dequantized at a time on that path: a chunk's bf16 weight stays in cache for its
@@ -34,35 +37,37 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     return t if t.data_ptr() % alignment == 0 else t.clone()
 
 
-def supports(family: str, weight: QuantizedWeight, x: torch.Tensor) -> str | None:
-    if x.device.type != "cpu":
-        return f"native kernels run on CPU, got a {x.device.type} tensor"
-    if family == "int4":
-        if weight.out_features % 16 != 0:
-            return f"_weight_int4pack_mm_for_cpu needs out_features % 16 == 0, got {weight.out_features}"
-        if weight.in_features % 2 != 0:
-            return f"int4 packing needs even in_features, got {weight.in_features}"
-    return None
+def on_cpu(x: torch.Tensor) -> str | None:
+    return None if x.device.type == "cpu" else f"native kernels run on CPU, got a {x.device.type} tensor"
 
 
-def prepare(family: str, weight: QuantizedWeight) -> object:
-    if family == "int8_dynamic":
+def dequantize_gemm_bf16(x: torch.Tensor, weight: QuantizedWeight,
+                         dequantize: Callable[[QuantizedWeight], torch.Tensor]) -> torch.Tensor:
+    """``x @ W.T`` in bf16, dequantizing ``DEQUANT_CHUNK_ROWS`` output rows of W at a time."""
+    n = weight.out_features
+    if n <= DEQUANT_CHUNK_ROWS:
+        return torch.nn.functional.linear(x, dequantize(weight))
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16, device=x.device)
+    for start in range(0, n, DEQUANT_CHUNK_ROWS):
+        stop = min(start + DEQUANT_CHUNK_ROWS, n)
+        y[:, start:stop] = torch.nn.functional.linear(x, dequantize(weight.rows(start, stop)))
+    return y
+
+
+def with_bias(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    y = y.to(dtype)
+    return y if bias is None else y + bias.to(dtype)
+
+
+@register_kernel("native", Int8Dynamic)
+class Int8DynamicNative:
+    def supports(self, weight: QuantizedWeight, x: torch.Tensor) -> str | None:
+        return on_cpu(x)
+
+    def prepare(self, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         return aligned(weight.qweight), weight.scale.float()
-    if family == "int8_weight_only":
-        return aligned(weight.qweight), weight.scale.to(torch.bfloat16), weight
-    if family == "int4":
-        q = P.unpack_int4(weight.qweight).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        # tinygemm convention: w = (q - 8) * scale + zero, so zero = (8 - zero_point) * scale.
-        scale = weight.scale.float()
-        zero = (8.0 - weight.zero_point.float()) * scale
-        scale_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
-        return packed, scale_and_zeros, weight.group_size, weight
-    raise ValueError(f"unknown kernel family {family!r}")
 
-
-def linear(family: str, x: torch.Tensor, prepared: object, bias: torch.Tensor | None) -> torch.Tensor:
-    if family == "int8_dynamic":
+    def linear(self, x: torch.Tensor, prepared, bias: torch.Tensor | None) -> torch.Tensor:
         qweight, wscale = prepared
         xq, xscale = P.quantize_per_token_int8(x)
         y = torch._int_mm(xq, qweight.t()).float()
@@ -70,43 +75,63 @@ def linear(family: str, x: torch.Tensor, prepared: object, bias: torch.Tensor | 
         if bias is not None:
             y = y.add_(bias.float())
         return y.to(x.dtype)
-    xb = x.to(torch.bfloat16)
-    if x.shape[0] >= DEQUANT_GEMM_MIN_M:
-        y = dequantize_gemm_bf16(xb, prepared[-1])
-    elif family == "int8_weight_only":
-        qweight, scale, _ = prepared
-        y = torch.ops.aten._weight_int8pack_mm(xb, qweight, scale)
-    elif family == "int4":
-        packed, scale_and_zeros, group_size, _ = prepared
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, scale_and_zeros)
-    else:
-        raise ValueError(f"unknown kernel family {family!r}")
-    y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y
 
 
-def dequantize_gemm_bf16(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """``x @ W.T`` in bf16, dequantizing ``DEQUANT_CHUNK_ROWS`` output rows of W at a time."""
-    n = weight.out_features
-    if n <= DEQUANT_CHUNK_ROWS:
-        return torch.nn.functional.linear(x, dequantize_bf16(weight))
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16, device=x.device)
-    for start in range(0, n, DEQUANT_CHUNK_ROWS):
-        rows = slice(start, min(start + DEQUANT_CHUNK_ROWS, n))
-        zero_point = None if weight.zero_point is None else weight.zero_point[rows]
-        chunk = QuantizedWeight(weight.qweight[rows], weight.scale[rows], zero_point,
-                                rows.stop - rows.start, weight.in_features, weight.group_size)
-        y[:, rows] = torch.nn.functional.linear(x, dequantize_bf16(chunk))
-    return y
+@register_kernel("native", Int8WeightOnly)
+class Int8WeightOnlyNative:
+    def supports(self, weight: QuantizedWeight, x: torch.Tensor) -> str | None:
+        return on_cpu(x)
 
+    def prepare(self, weight: QuantizedWeight):
+        return aligned(weight.qweight), weight.scale.to(torch.bfloat16), weight
 
-def dequantize_bf16(weight: QuantizedWeight) -> torch.Tensor:
-    """The weight in bf16, ``[N, K]``: ``q * scale`` (int8) or ``(q - zero_point) * scale`` (int4)."""
-    if weight.zero_point is None:
+    @staticmethod
+    def dequantize_bf16(weight: QuantizedWeight) -> torch.Tensor:
         return weight.qweight.to(torch.bfloat16) * weight.scale.to(torch.bfloat16)[:, None]
-    n, g = weight.out_features, weight.group_size
-    q = P.unpack_int4(weight.qweight).to(torch.bfloat16).view(n, -1, g)
-    zero = weight.zero_point.to(torch.bfloat16).unsqueeze(-1)
-    return ((q - zero) * weight.scale.to(torch.bfloat16).unsqueeze(-1)).view(n, -1)
+
+    def linear(self, x: torch.Tensor, prepared, bias: torch.Tensor | None) -> torch.Tensor:
+        qweight, scale, weight = prepared
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] >= DEQUANT_GEMM_MIN_M:
+            y = dequantize_gemm_bf16(xb, weight, self.dequantize_bf16)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xb, qweight, scale)
+        return with_bias(y, x.dtype, bias)
+
+
+@register_kernel("native", Int4Groups)
+class Int4Native:
+    def supports(self, weight: QuantizedWeight, x: torch.Tensor) -> str | None:
+        if reason := on_cpu(x):
+            return reason
+        if weight.out_features % 16 != 0:
+            return f"_weight_int4pack_mm_for_cpu needs out_features % 16 == 0, got {weight.out_features}"
+        if weight.in_features % 2 != 0:
+            return f"int4 packing needs even in_features, got {weight.in_features}"
+        return None
+
+    def prepare(self, weight: QuantizedWeight):
+        q = P.unpack_int4(weight.qweight).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # tinygemm convention: w = (q - 8) * scale + zero, so zero = (8 - zero_point) * scale.
+        scale = weight.scale.float()
+        zero = (8.0 - weight.zero_point.float()) * scale
+        scale_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
+        return packed, scale_and_zeros, weight
+
+    @staticmethod
+    def dequantize_bf16(weight: QuantizedWeight) -> torch.Tensor:
+        """``(q - zero_point) * scale`` in bf16, ``[N, K]``."""
+        n, g = weight.out_features, weight.group_size
+        q = P.unpack_int4(weight.qweight).to(torch.bfloat16).view(n, -1, g)
+        zero = weight.zero_point.to(torch.bfloat16).unsqueeze(-1)
+        return ((q - zero) * weight.scale.to(torch.bfloat16).unsqueeze(-1)).view(n, -1)
+
+    def linear(self, x: torch.Tensor, prepared, bias: torch.Tensor | None) -> torch.Tensor:
+        packed, scale_and_zeros, weight = prepared
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] >= DEQUANT_GEMM_MIN_M:
+            y = dequantize_gemm_bf16(xb, weight, self.dequantize_bf16)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, weight.group_size, scale_and_zeros)
+        return with_bias(y, x.dtype, bias)

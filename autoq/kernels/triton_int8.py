@@ -16,7 +16,7 @@ int8_dynamic (W8A8)
     Quantizing inside the matmul prologue is not done: the scale of a row needs the absmax over
     all of K before its first tile can be quantized, and every column block would redo it.
 
-    Numerics match ``autoq.kernels.reference``: absmax / 127 (correctly rounded division),
+    Numerics match ``Int8Dynamic.reference_linear`` (autoq.formats.integer): absmax / 127 (correctly rounded division),
     round half to even, clamp to [-127, 127]; the int32 accumulation is exact.
 
 int8_weight_only (W8A16)

@@ -1,8 +1,9 @@
 """Block configurations for the Triton kernels: candidates, tuning and the on-disk cache.
 
 A configuration names the kernel (``"gemv"``, ``"mm"`` or ``"dequant"`` = dequantize + cuBLAS)
-and its block sizes. The best one is chosen per key
-``family | activation dtype | M bucket | N | K | group size`` by timing every candidate with
+and its block sizes. Which paths and tiles exist depends on the Triton kernel's
+:class:`Traits` (weight-only or not, its GEMV tiles). The best one is chosen per key
+``kernel | activation dtype | M bucket | N | K | group size`` by timing every candidate with
 ``triton.testing.do_bench`` (which flushes L2 between runs) — our own loop rather than
 ``@triton.autotune``, whose multi-config form cannot run without a GPU.
 
@@ -37,6 +38,16 @@ KERNELS = ("gemv", "mm", "dequant")
 
 
 @dataclass(frozen=True)
+class Traits:
+    """What the tuner needs to know about one Triton kernel."""
+
+    name: str  # the tuning-cache namespace, e.g. "int4"
+    weight_only: bool  # float activations: the GEMV and dequantize + cuBLAS paths exist
+    gemv_tiles: tuple[tuple[int, int], ...] = ()  # (block_n, block_k) candidates for M <= 4
+    default_gemv_block_n: int = 32
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     kernel: str  # "gemv", "mm" or "dequant"
     block_m: int = 16
@@ -67,10 +78,10 @@ def m_bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
-def tuning_key(family: str, dtype: torch.dtype, m: int, n: int, k: int,
+def tuning_key(traits: Traits, dtype: torch.dtype, m: int, n: int, k: int,
                group_size: int | None) -> str:
     dtype_name = str(dtype).removeprefix("torch.")
-    return f"{family}|{dtype_name}|m{m_bucket(m)}|n{n}|k{k}|g{group_size or 0}"
+    return f"{traits.name}|{dtype_name}|m{m_bucket(m)}|n{n}|k{k}|g{group_size or 0}"
 
 
 def _gemv(block_n: int, block_k: int, split_k: int, num_warps: int = 4) -> KernelConfig:
@@ -85,21 +96,21 @@ def _mm(block_m: int, block_n: int, block_k: int, split_k: int = 1, num_warps: i
 DEQUANT = KernelConfig("dequant", 0, 0, 0, 1, 0, 0, 0)
 
 
-def fixed_config(family: str, m: int) -> KernelConfig:
+def fixed_config(traits: Traits, m: int) -> KernelConfig:
     """The one configuration per path used without CUDA (interpreter): small blocks, and
     split-K on the small-M paths so that the tests exercise it."""
-    if m == 1 and family != "int8_dynamic":
+    if m == 1 and traits.weight_only:
         return _gemv(32, 64, 2)
     if m <= 16:
         return _mm(16, 32, 32, split_k=2)
     return _mm(32, 32, 32, group_m=4)
 
 
-def default_config(family: str, m: int, k: int, group_size: int | None) -> KernelConfig:
+def default_config(traits: Traits, m: int, k: int, group_size: int | None) -> KernelConfig:
     """A reasonable CUDA configuration when tuning is disabled."""
     bk_limit = group_size or 256
-    if m == 1 and family != "int8_dynamic":
-        return _gemv(128 if family == "int4" else 32, 256, 4 if k >= 4096 else 1)
+    if m == 1 and traits.weight_only:
+        return _gemv(traits.default_gemv_block_n, 256, 4 if k >= 4096 else 1)
     if m <= 16:
         return _mm(16, 64, min(128, bk_limit), split_k=4 if k >= 4096 else 1)
     if m <= 64:
@@ -107,10 +118,10 @@ def default_config(family: str, m: int, k: int, group_size: int | None) -> Kerne
     return _mm(128, 128, min(64, bk_limit), num_warps=8, num_stages=3)
 
 
-def candidates(family: str, m: int, k: int, group_size: int | None) -> list[KernelConfig]:
+def candidates(traits: Traits, m: int, k: int, group_size: int | None) -> list[KernelConfig]:
     """Configurations timed for one M bucket (CUDA only)."""
     bucket = m_bucket(m)
-    weight_only = family != "int8_dynamic"
+    weight_only = traits.weight_only
     bk_limit = group_size or 256  # an int4 GEMM tile stays inside one group
     out: list[KernelConfig] = []
 
@@ -118,8 +129,7 @@ def candidates(family: str, m: int, k: int, group_size: int | None) -> list[Kern
         return [s for s in options if s == 1 or k >= 2 * s * block_k]
 
     if weight_only and bucket <= 4:
-        tiles = ([(64, 256), (128, 128), (128, 256), (256, 128), (64, 512)] if family == "int4"
-                 else [(16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (8, 512)])
+        tiles = traits.gemv_tiles
         for block_n, block_k in tiles:
             for split_k in splits(block_k, (1, 2, 4, 8)):
                 out.append(_gemv(block_n, block_k, split_k))
@@ -143,7 +153,7 @@ def candidates(family: str, m: int, k: int, group_size: int | None) -> list[Kern
         ]:
             if bk <= bk_limit:
                 out.append(_mm(bm, bn, bk, num_warps=warps, num_stages=stages))
-        if family == "int8_dynamic":  # one byte per operand element: deeper K tiles fit
+        if not weight_only:  # int8 activations, one byte per operand element: deeper K tiles fit
             out += [_mm(128, 256, 128, num_warps=8, num_stages=3),
                     _mm(256, 128, 128, num_warps=8, num_stages=3)]
         if bucket <= 256:

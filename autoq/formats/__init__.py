@@ -1,0 +1,56 @@
+"""The format registry: the one place the available quantization formats are listed.
+
+| name             | weight                                  | activations              |
+|------------------|-----------------------------------------|--------------------------|
+| none             | unchanged (counted as 16 bits)          | unchanged                |
+| int8_dynamic     | int8 symmetric per output channel       | int8 per token, dynamic  |
+| int8_weight_only | int8 symmetric per output channel       | 16-bit float             |
+| int4_g{32,64,128}| uint4 asymmetric per group, 2 per byte  | 16-bit float             |
+
+Each format is one object (``autoq.formats.base.Format``) that owns its bits, quantizer,
+module buffers, kernels and checkpoint scheme. Adding a format: define it (a ``Format``
+subclass, e.g. in a new module here), register an instance below, and register its kernels in
+``autoq/kernels/`` with ``register_kernel``; nothing in the search, solver, plan, cache, CLI or
+service changes (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from autoq.formats.base import Format, Kernel, QuantizedWeight, Unquantized, register_kernel
+from autoq.formats.integer import Int4Groups, Int8Dynamic, Int8WeightOnly
+
+__all__ = ["Format", "Kernel", "QuantizedWeight", "all_formats", "get", "names", "register",
+           "register_kernel"]
+
+UNQUANTIZED = "none"
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> Format:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown format {name!r}; valid formats: {', '.join(_REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def all_formats() -> list[Format]:
+    return list(_REGISTRY.values())
+
+
+register(Unquantized(UNQUANTIZED, "unquantized"))
+register(Int8Dynamic("int8_dynamic", "W8A8: int8 weights, per-token dynamic int8 activations"))
+register(Int8WeightOnly("int8_weight_only", "W8A16: int8 weights, 16-bit activations"))
+for _g in (32, 64, 128):
+    register(Int4Groups(f"int4_g{_g}", f"W4A16: asymmetric uint4, groups of {_g}", _g))
