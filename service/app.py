@@ -1,96 +1,72 @@
-"""HTTP routes. Thin: validation is in ``schemas``, state in ``store``, work in ``jobs``."""
+"""The application: routes (``service.routes``), middleware, error mapping, OpenAPI, lifespan.
+
+Thin: validation is in ``schemas``, state in ``store``, work in ``jobs``. Every refusal kind has
+one status code, mapped here: a conflict 409, a missing resource 404, a size refusal 413, a full
+queue or too many streams 429, a database that is down or busy 503 (with ``Retry-After``).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi import Path as PathParam
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import autoq
-from autoq.cache import PlanCache
-from service import metrics
 from service.executor import make_executor
-from service.jobs import ARTIFACT_FILE, artifact_dir
-from service.models import UnknownModel, delete_upload, resolve_model, store_upload
-from service.schemas import (
-    JOB_ID,
-    MODEL_ID,
-    Error,
-    Health,
-    Job,
-    JobCreate,
-    JobLinks,
-    JobList,
-    JobStatus,
-    Model,
-    ModelList,
-    PlanList,
-    Ready,
-    timestamp,
-)
+from service.models import UnknownModel
+from service.routes import jobs, models, ops, plans
+from service.routes.common import NotFound, Refused, errors, require_token, token_matches
 from service.settings import Settings
-from service.store import RUNNING, Conflict, JobRow, ModelRow, Store
-from service.uploads import ArchiveError, ModelDirError, remove_tree
+from service.store import Conflict, QueueFull, Store
+from service.uploads import ArchiveError, ModelDirError, TooLarge, remove_tree
 
 log = logging.getLogger("autoq.service")
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
-SSE_POLL_SECONDS = 0.25
-SSE_KEEPALIVE_SECONDS = 15.0
-SSE_MAX_SECONDS = 3600.0
-PLAN_KEY = r"^[A-Za-z0-9_-]{1,128}$"
-CURSOR = r"^[0-9]{1,18}$"
-
-JobId = Annotated[str, PathParam(pattern=JOB_ID, description="A job id (job_...).")]
-ModelId = Annotated[str, PathParam(pattern=MODEL_ID, description="A model id (mdl_...).")]
+V1 = "/v1"
+UNAUTHORIZED = "missing or invalid bearer token (Authorization: Bearer ...)"
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "Malformed request", 401: "Missing or wrong bearer token", 404: "Not found",
-        409: "Conflicts with the current state", 413: "Request body too large",
-        422: "Invalid input", 503: "Not ready",
-    }
-    return {code: {"model": Error, "description": descriptions[code]} for code in codes}
+# -- middleware --------------------------------------------------------------------------------
 
 
-# -- security ---------------------------------------------------------------------------------
+class TokenGate:
+    """Refuse ``/v1`` requests without a valid bearer token before anything reads their body.
 
-bearer = HTTPBearer(auto_error=False, description="A token from AUTOQ_TOKENS.")
+    FastAPI resolves dependencies only after it has read and parsed the body; this gate answers
+    the 401 first. (``require_token`` checks again, and documents the scheme in OpenAPI.)
+    """
 
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app, self.settings = app, settings
 
-def require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    tokens = request.app.state.settings.token_values()
-    if not tokens:
-        return
-    given = credentials.credentials.encode() if credentials is not None else b""
-    matched = False
-    for token in tokens:  # compare with every token, in constant time
-        matched |= hmac.compare_digest(given, token)
-    if not matched:
-        raise HTTPException(401, "missing or invalid bearer token (Authorization: Bearer ...)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] == "http" and self.settings.tokens
+                and (path == V1 or path.startswith(V1 + "/"))):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not token_matches(self.settings, token.strip()):
+                response = JSONResponse({"detail": UNAUTHORIZED}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -116,7 +92,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise HTTPException(413, self._message())
+                    raise TooLarge(self._message())
             return message
 
         await self.app(scope, limited_receive, send)
@@ -125,396 +101,113 @@ class BodyLimit:
         return f"request body larger than {self.limit} bytes"
 
 
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def settings_of(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def store_of(request: Request) -> Store:
-    return request.app.state.store
-
-
-def job_view(job: JobRow, timings: dict[str, float]) -> Job:
-    request = job.request
-    calibration = request.get("calibration")
-    base = f"/v1/jobs/{job.id}"
-    return Job(
-        id=job.id, status=job.status, model=job.model,
-        effective_bits=request["effective_bits"], formats=request.get("formats"),
-        objective=request["objective"], export_format=request.get("export_format"),
-        calibration_texts=len(calibration["texts"]) if calibration else None,
-        refine_trials=request.get("refine_trials", 0),
-        stage=job.stage, progress=job.progress, message=job.message, attempts=job.attempts,
-        cancel_requested=job.cancel_requested, plan_cache_hit=job.plan_cache_hit,
-        plan_key=job.plan_key, plan_effective_bits=job.plan_effective_bits, timings=timings,
-        error=job.error, created_at=timestamp(job.created_at),
-        started_at=timestamp(job.started_at), finished_at=timestamp(job.finished_at),
-        updated_at=timestamp(job.updated_at),
-        links=JobLinks(self=base, events=f"{base}/events", plan=f"{base}/plan",
-                       artifact=f"{base}/artifact"),
-    )
-
-
-def model_view(model: ModelRow) -> Model:
-    return Model(id=model.id, name=model.name, size_bytes=model.size_bytes, files=model.files,
-                 sha256=model.sha256, created_at=timestamp(model.created_at))
-
-
-def get_job_or_404(store: Store, job_id: str) -> JobRow:
-    job = store.get_job(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
-    return job
-
-
-def view_one(store: Store, job: JobRow) -> Job:
-    return job_view(job, store.stage_timings([job.id])[job.id])
-
-
-def request_hash(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-async def receive_to_file(request: Request, path: Path, limit: int) -> tuple[int, str]:
-    """Stream the request body to ``path``; (size, sha256). 413 as soon as it passes ``limit``."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("xb") as f:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"model archive larger than the limit of {limit} bytes")
-            digest.update(chunk)
-            f.write(chunk)
-    return size, digest.hexdigest()
-
-
-def format_event(seq: int, kind: str, data: dict) -> str:
-    return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-async def event_stream(store: Store, job_id: str, after: int) -> AsyncIterator[str]:
-    """Events after ``after``; ends once the job is finished and every event was sent."""
-    yield "retry: 2000\n\n"
-    deadline = time.monotonic() + SSE_MAX_SECONDS
-    last_sent = time.monotonic()
-    while time.monotonic() < deadline:
-        events = await run_in_threadpool(store.events_after, job_id, after)
-        for event in events:
-            yield format_event(event.seq, event.kind, {**event.data, "at": event.created_at})
-            after = event.seq
-        if events:
-            last_sent = time.monotonic()
-            continue
-        job = await run_in_threadpool(store.get_job, job_id)
-        if job is None:
-            return
-        if job.finished:
-            # The final status event is written with the status, so the query above saw it
-            # unless it landed in between: look once more before ending.
-            if not await run_in_threadpool(store.events_after, job_id, after, 1):
-                return
-            continue
-        if time.monotonic() - last_sent >= SSE_KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        await asyncio.sleep(SSE_POLL_SECONDS)
-
-
-# -- routes ----------------------------------------------------------------------------------
-
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=errors(401, 413))
-
-
-@v1.post("/models", status_code=201, response_model=Model, tags=["models"],
-         responses=errors(400, 422),
-         openapi_extra={"requestBody": {"required": True, "content": {
-             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-async def upload_model(
-    request: Request,
-    response: Response,
-    name: Annotated[str | None, Query(max_length=200, description="A label for the model.")] = None,
-) -> Model:
-    """Upload a Hugging Face model directory as a tar (optionally compressed) or zip archive.
-
-    Send the archive as the request body. Weights must be safetensors; archives with links,
-    devices, absolute paths or ``..`` are refused.
-    """
-    settings, store = settings_of(request), store_of(request)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > settings.max_upload_bytes:
-        raise HTTPException(413, f"model archive larger than the limit of "
-                                 f"{settings.max_upload_bytes} bytes")
-    part = settings.tmp_dir / f"upload-{uuid.uuid4().hex}.part"
-    try:
-        size, sha256 = await receive_to_file(request, part, settings.max_upload_bytes)
-        if size == 0:
-            raise HTTPException(400, "empty request body: send the model archive (tar or zip)")
-        model = await run_in_threadpool(store_upload, settings, store, part, name or "upload",
-                                        sha256)
-    except ArchiveError as e:
-        raise HTTPException(400, f"bad archive: {e}") from None
-    except ModelDirError as e:
-        raise HTTPException(422, f"not a usable model: {e}") from None
-    finally:
-        part.unlink(missing_ok=True)
-    response.headers["Location"] = f"/v1/models/{model.id}"
-    return model_view(model)
-
-
-@v1.get("/models", response_model=ModelList, tags=["models"], responses=errors(422))
-def list_models(
-    request: Request,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(pattern=CURSOR)] = None,
-) -> ModelList:
-    models = store_of(request).list_models(limit, int(cursor) if cursor else None)
-    next_cursor = str(models[-1].seq) if len(models) == limit else None
-    return ModelList(items=[model_view(m) for m in models], next_cursor=next_cursor)
-
-
-@v1.get("/models/{model_id}", response_model=Model, tags=["models"], responses=errors(404, 422))
-def get_model(request: Request, model_id: ModelId) -> Model:
-    model = store_of(request).get_model(model_id)
-    if model is None:
-        raise HTTPException(404, f"no model {model_id}")
-    return model_view(model)
-
-
-@v1.delete("/models/{model_id}", status_code=204, tags=["models"],
-           responses=errors(404, 409, 422))
-def delete_model(request: Request, model_id: ModelId) -> Response:
-    try:
-        model = delete_upload(settings_of(request), store_of(request), model_id)
-    except Conflict as e:
-        raise HTTPException(409, str(e)) from None
-    if model is None:
-        raise HTTPException(404, f"no model {model_id}")
-    return Response(status_code=204)
-
-
-@v1.post("/jobs", status_code=202, response_model=Job, tags=["jobs"], responses=errors(400, 422))
-def create_job(
-    body: JobCreate,
-    request: Request,
-    response: Response,
-    idempotency_key: Annotated[str | None, Header(
-        min_length=1, max_length=255,
-        description="Retrying with the same key and body returns the same job.")] = None,
-) -> Job:
-    """Queue a quantization job. Returns 202 with the job and a Location header."""
-    settings, store = settings_of(request), store_of(request)
-    try:
-        model_path = resolve_model(settings, store, body.model)
-    except UnknownModel as e:
-        raise HTTPException(422, str(e)) from None
-    data = body.model_dump(mode="json")
-    try:
-        job, created = store.create_job(model=body.model, model_path=model_path, request=data,
-                                        request_hash=request_hash(data),
-                                        idempotency_key=idempotency_key)
-    except Conflict as e:
-        raise HTTPException(422, str(e)) from None
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    if not created:
-        response.headers["Idempotent-Replayed"] = "true"
-    return view_one(store, job)
-
-
-@v1.get("/jobs", response_model=JobList, tags=["jobs"], responses=errors(422))
-def list_jobs(
-    request: Request,
-    status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(pattern=CURSOR, description="next_cursor of the "
-                                                                   "previous page.")] = None,
-) -> JobList:
-    """Jobs, newest first."""
-    store = store_of(request)
-    jobs = store.list_jobs(status, limit, int(cursor) if cursor else None)
-    timings = store.stage_timings([job.id for job in jobs])
-    next_cursor = str(jobs[-1].seq) if len(jobs) == limit else None
-    return JobList(items=[job_view(job, timings[job.id]) for job in jobs],
-                   next_cursor=next_cursor)
-
-
-@v1.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=errors(404, 422))
-def get_job(request: Request, job_id: JobId) -> Job:
-    store = store_of(request)
-    return view_one(store, get_job_or_404(store, job_id))
-
-
-@v1.get("/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
-        responses={200: {"description": "Server-sent events: status, stage and progress.",
-                         "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                   **errors(404, 422)})
-def job_events(
-    request: Request,
-    job_id: JobId,
-    last_event_id: Annotated[int | None, Header(ge=0, le=2**62, description="Resume after "
-                                                "this event (sent by EventSource clients).")] = None,
-    after: Annotated[int | None, Query(ge=0, le=2**62, description="Same as Last-Event-ID.")] = None,
-) -> StreamingResponse:
-    """Follow a job. The stream ends when the job is finished."""
-    store = store_of(request)
-    get_job_or_404(store, job_id)
-    start = last_event_id if last_event_id is not None else (after or 0)
-    return StreamingResponse(event_stream(store, job_id, start), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-@v1.post("/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"],
-         responses={202: {"model": Job, "description": "Cancel requested; the job stops at "
-                                                        "its next step"},
-                    **errors(404, 409, 422)})
-def cancel_job(request: Request, response: Response, job_id: JobId) -> Job:
-    """Cancel a job: at once when queued, between steps (within seconds) when running."""
-    store = store_of(request)
-    try:
-        job = store.request_cancel(job_id)
-    except Conflict as e:
-        raise HTTPException(409, str(e)) from None
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
-    if job.status == RUNNING:
-        response.status_code = 202
-    return view_one(store, job)
-
-
-@v1.get("/jobs/{job_id}/plan", response_model=dict[str, Any], tags=["jobs"],
-        responses=errors(404, 409, 422))
-def job_plan(request: Request, job_id: JobId) -> dict[str, Any]:
-    """The plan the job found (the per-layer format assignment and its figures)."""
-    job = get_job_or_404(store_of(request), job_id)
-    if job.plan is None:
-        raise HTTPException(409, f"job {job_id} is {job.status}; its plan is available once "
-                                 f"it has succeeded")
-    return job.plan
-
-
-ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The checkpoint directory as a tar archive.",
-          "content": {"application/x-tar": {}}},
-    206: {"description": "Part of the archive (Range)."},
-    304: {"description": "Not modified (If-None-Match)."},
-    **errors(404, 409, 422),
-}
-
-
-@v1.head("/jobs/{job_id}/artifact", tags=["jobs"], response_class=FileResponse,
-         responses=ARTIFACT_RESPONSES, operation_id="head_job_artifact")
-@v1.get("/jobs/{job_id}/artifact", tags=["jobs"], response_class=FileResponse,
-        responses=ARTIFACT_RESPONSES, operation_id="get_job_artifact")
-def job_artifact(
-    request: Request,
-    job_id: JobId,
-    if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
-) -> Response:
-    """Download the quantized checkpoint (a tar of its directory). Supports ETag and Range."""
-    settings = settings_of(request)
-    job = get_job_or_404(store_of(request), job_id)
-    path = artifact_dir(settings, job.id) / ARTIFACT_FILE
-    if job.artifact_etag is None or not path.is_file():
-        raise HTTPException(409, f"job {job_id} is {job.status}; its checkpoint is available "
-                                 f"once it has succeeded")
-    etag = f'"{job.artifact_etag}"'
-    if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(path, media_type="application/x-tar", filename=f"{job.id}.tar",
-                        headers={"ETag": etag})
-
-
-@v1.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], responses=errors(404, 409, 422))
-def delete_job(request: Request, job_id: JobId) -> Response:
-    """Delete a finished job, its events and its files (409 while queued or running)."""
-    store = store_of(request)
-    try:
-        job = store.delete_job(job_id)
-    except Conflict as e:
-        raise HTTPException(409, str(e)) from None
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
-    remove_tree(artifact_dir(settings_of(request), job.id))
-    return Response(status_code=204)
-
-
-@v1.get("/plans", response_model=PlanList, tags=["plans"])
-def list_plans(request: Request) -> PlanList:
-    """The plan cache: plans found so far, reused by jobs with the same model, data and budget."""
-    return PlanList(items=PlanCache(settings_of(request).plan_cache).list())
-
-
-@v1.get("/plans/{key}", response_model=dict[str, Any], tags=["plans"],
-        responses=errors(404, 422))
-def get_plan(request: Request,
-             key: Annotated[str, PathParam(pattern=PLAN_KEY)]) -> dict[str, Any]:
-    plan = PlanCache(settings_of(request).plan_cache).get(key)
-    if plan is None:
-        raise HTTPException(404, f"no cached plan {key}")
-    return plan.model_dump(mode="json")
-
-
-ops = APIRouter(tags=["operations"])
-
-
-@ops.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up."""
-    return Health(status="ok")
-
-
-@ops.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
-def readyz(request: Request, response: Response) -> Ready:
-    """The database answers and the workers run."""
-    checks = {"database": "ok", "workers": "ok"}
-    state = request.app.state
-    if not getattr(state, "started", False):
-        checks["workers"] = "starting"
-    else:
-        checks["workers"] = state.executor.healthy() or "ok"
-        try:
-            state.store.ping()
-        except Exception as e:
-            log.warning("readiness: database check failed: %s", e)
-            checks["database"] = "unreachable"
-    ready = all(value == "ok" for value in checks.values())
-    if not ready:
-        response.status_code = 503
-    return Ready(status="ready" if ready else "not ready", checks=checks)
-
-
-@ops.get("/metrics", response_class=PlainTextResponse)
-def prometheus_metrics(request: Request) -> PlainTextResponse:
-    """Prometheus metrics: jobs by status, queue length, stage durations."""
-    state = request.app.state
-    return PlainTextResponse(metrics.render(state.store, state.executor.healthy()),
-                             media_type=metrics.CONTENT_TYPE)
-
-
 # -- error handling --------------------------------------------------------------------------
 
 
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods the routes at this path accept, for a 405's ``Allow`` header."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    return ", ".join(sorted(methods, key=lambda m: order.index(m) if m in order else 99))
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return error(exc.status_code, str(exc.detail), headers or None)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     items = []
-    for error in exc.errors():
-        message = str(error.get("msg", "invalid"))
+    for item in exc.errors():
+        message = str(item.get("msg", "invalid"))
         message = re.sub(r"^(Value|Assertion) error, ", "", message)
-        loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
-        items.append({"loc": loc, "msg": message, "type": str(error.get("type", "invalid"))})
+        loc = [part if isinstance(part, int) else str(part) for part in item.get("loc", ())]
+        items.append({"loc": loc, "msg": message, "type": str(item.get("type", "invalid"))})
     detail = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in items)
     return JSONResponse({"detail": detail or "invalid request", "errors": items}, status_code=422)
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    """One status code per kind of refusal."""
+    if isinstance(exc, Refused):
+        return error(exc.status, exc.detail, exc.headers)
+    if isinstance(exc, UnknownModel):
+        return error(exc.status, str(exc))
+    if isinstance(exc, NotFound):
+        return error(404, str(exc))
+    if isinstance(exc, Conflict):
+        return error(409, str(exc))
+    if isinstance(exc, QueueFull):
+        return error(429, str(exc), {"Retry-After": "30"})
+    if isinstance(exc, TooLarge):
+        return error(413, str(exc))
+    if isinstance(exc, ArchiveError):
+        return error(400, f"bad archive: {exc}")
+    if isinstance(exc, ModelDirError):
+        return error(422, f"not a usable model: {exc}")
+    raise exc
+
+
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database error on %s %s: %s", request.method, request.url.path, exc)
+    return error(503, "the database is unavailable or busy; retry shortly", {"Retry-After": "2"})
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+# -- OpenAPI ---------------------------------------------------------------------------------
+
+
+def describe(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI schema of this server as configured.
+
+    With tokens, every ``/v1`` operation requires the bearer scheme and may answer 401; without
+    (a loopback server), there is no security scheme and no 401. Optional query and header
+    parameters are described by their type alone (an absent parameter, not ``null``).
+    """
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    secured = bool(settings.tokens)
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            if not path.startswith(V1):
+                continue
+            if not secured:
+                operation.pop("security", None)
+                operation.get("responses", {}).pop("401", None)
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") in ("query", "header") and not parameter.get("required"):
+                    parameter["schema"] = without_null(parameter["schema"])
+    if not secured:
+        schema.get("components", {}).pop("securitySchemes", None)
+    return schema
+
+
+def without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    options = schema.get("anyOf")
+    if not options:
+        return schema
+    rest = [option for option in options if option.get("type") != "null"]
+    if len(rest) != 1:
+        return schema
+    merged = {key: value for key, value in schema.items() if key != "anyOf"}
+    merged.update(rest[0])
+    if merged.get("default", 0) is None:
+        del merged["default"]
+    return merged
 
 
 # -- the application -------------------------------------------------------------------------
@@ -549,7 +242,7 @@ def remove_stale_uploads(settings: Settings, older_than: float = 3600.0) -> None
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     settings.make_dirs()
-    store = Store(settings.database)
+    store = Store(settings.database, max_queued=settings.max_queued_jobs)
     await run_in_threadpool(store.create_all)
     remove_stale_uploads(settings)
     executor = make_executor(settings, store)
@@ -569,6 +262,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
     app = FastAPI(
         title="autoq job service",
         version=autoq.__version__,
@@ -576,12 +270,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "quantized checkpoint.",
         lifespan=lifespan,
     )
-    app.state.settings = settings or Settings()
+    app.state.settings = settings
     app.state.started = False
+    app.state.streams = jobs.StreamSlots()
+    v1 = APIRouter(prefix=V1, dependencies=[Depends(require_token)],
+                   responses=errors(401, 413, 503))
+    for module in (models, jobs, plans):
+        v1.include_router(module.router)
     app.include_router(v1)
-    app.include_router(ops)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.include_router(ops.router)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    for kind in (Refused, UnknownModel, NotFound, Conflict, QueueFull, ArchiveError,
+                 ModelDirError):
+        app.add_exception_handler(kind, domain_error)
+    for kind in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(kind, database_error)
     app.add_exception_handler(Exception, internal_error)
     app.add_middleware(BodyLimit, limit=MAX_JSON_BYTES, exempt=(("POST", "/v1/models"),))
+    app.add_middleware(TokenGate, settings=settings)  # outermost: before any body is read
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -41,6 +41,23 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(4 * GiB, gt=0, description="Largest accepted model archive.")
     max_extracted_bytes: int = Field(8 * GiB, gt=0, description="Largest unpacked model upload.")
+    storage_quota_bytes: int = Field(
+        100 * GiB, gt=0, description="Most bytes kept for uploaded models and checkpoints, together."
+    )
+    min_free_bytes: int = Field(
+        1 * GiB, ge=0, description="Free disk space an upload must leave in the shared dir."
+    )
+    max_model_parameters: int = Field(
+        20_000_000_000, gt=0, description="Largest model (parameters its config implies) accepted."
+    )
+    max_model_layers: int = Field(256, gt=0, description="Most layers a model's config may ask for.")
+    max_model_hidden_size: int = Field(
+        32_768, gt=0, description="Largest hidden size a model's config may ask for."
+    )
+    max_queued_jobs: int = Field(1000, gt=0, description="Jobs that may wait at once (429 past it).")
+    max_event_streams: int = Field(
+        64, gt=0, description="Event streams one client (token, or address) may hold open."
+    )
     workers: int = Field(1, ge=0, description="Jobs run at once (0: this process runs none).")
     executor: Literal["local", "ray"] = Field("local", description="Where jobs run.")
     job_retry_limit: int = Field(

@@ -5,6 +5,11 @@ The database is the only source of truth. Every state change is a compare-and-se
 can share one database without stepping on each other. A worker owns a running job while it keeps
 ``heartbeat_at`` fresh; a job whose heartbeat is older than the lease is recovered by whichever
 process runs :meth:`Store.recover_expired` first.
+
+Reads never take SQLite's write lock (a plain deferred ``BEGIN``; in WAL mode readers and the
+one writer do not block each other), and the API's list and get read only the columns they
+return: a job's request (calibration texts: up to tens of MB) and plan are loaded only by the
+worker and the plan endpoint. Progress writes are throttled per job.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, mapped_column, sessionmaker
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -53,7 +59,6 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     model: Mapped[str] = mapped_column(Text)  # as the client named it
     model_path: Mapped[str] = mapped_column(Text)  # the directory it resolved to
-    request: Mapped[dict] = mapped_column(JSON)
     request_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     stage: Mapped[str | None] = mapped_column(String(32))
@@ -70,11 +75,16 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     plan_cache_hit: Mapped[bool | None] = mapped_column(Boolean)
     plan_key: Mapped[str | None] = mapped_column(String(200))
-    plan: Mapped[dict | None] = mapped_column(JSON)
     plan_effective_bits: Mapped[float | None] = mapped_column(Float)
     artifact_etag: Mapped[str | None] = mapped_column(String(80))
     artifact_size: Mapped[int | None] = mapped_column(Integer)
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # The request without its calibration texts (their count instead): what a job view shows.
+    # Null for jobs written before the column existed.
+    summary: Mapped[dict | None] = mapped_column(JSON)
+    # Last, so that SQLite reads the columns above without walking these (large) values.
+    request: Mapped[dict] = mapped_column(JSON)
+    plan: Mapped[dict | None] = mapped_column(JSON)
 
     @property
     def finished(self) -> bool:
@@ -117,6 +127,23 @@ class Conflict(Exception):
     """The request clashes with the job's (or model's) current state."""
 
 
+class QueueFull(Exception):
+    """Too many jobs are waiting already (a 429 for the client)."""
+
+
+# Columns a job view needs; list, get and SSE load only these.
+VIEW_OPTIONS = (defer(JobRow.request), defer(JobRow.plan))
+# Progress events of one job are written at most this often (stage and status changes always).
+PROGRESS_INTERVAL = 0.5
+
+
+def request_summary(request: dict) -> dict:
+    calibration = request.get("calibration")
+    summary = {key: value for key, value in request.items() if key != "calibration"}
+    summary["calibration_texts"] = len(calibration["texts"]) if calibration else None
+    return summary
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -126,9 +153,10 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True)
     engine = create_engine(url, connect_args={"timeout": 30})
 
-    # Several processes write one SQLite file: WAL lets readers run beside the writer, and
-    # BEGIN IMMEDIATE takes the write lock up front, so a transaction never fails half-way
-    # when it upgrades from reading to writing.
+    # Several processes write one SQLite file: WAL lets readers run beside the writer. A
+    # writing transaction starts with BEGIN IMMEDIATE, taking the write lock up front so it
+    # never fails half-way when it upgrades from reading to writing; a read-only one (the
+    # ``autoq_read`` execution option) starts with a plain BEGIN and never waits for writers.
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -140,7 +168,8 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get("autoq_read", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -152,12 +181,21 @@ class Heartbeat:
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, max_queued: int | None = None):
         self.engine = make_engine(url)
+        self.max_queued = max_queued
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(autoq_read=True),
+                                           expire_on_commit=False)
+        self._progress_written: dict[str, float] = {}
 
     def create_all(self) -> None:
         Base.metadata.create_all(self.engine)
+        # Columns added since the first release (create_all adds tables, not columns).
+        columns = {column["name"] for column in inspect(self.engine).get_columns("jobs")}
+        if "summary" not in columns:
+            with self.engine.begin() as connection:
+                connection.exec_driver_sql("ALTER TABLE jobs ADD COLUMN summary JSON")
 
     def ping(self) -> None:
         with self.engine.connect() as connection:
@@ -165,7 +203,14 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
+        """A writing transaction (on SQLite: BEGIN IMMEDIATE, the database's one writer)."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction: never takes, nor waits for, SQLite's write lock."""
+        with self._read_sessions.begin() as session:
             yield session
 
     # -- jobs: creation and reading ----------------------------------------------------------
@@ -182,11 +227,17 @@ class Store:
                 return existing, False
         now = time.time()
         job = JobRow(id=new_id("job"), status=QUEUED, model=model, model_path=model_path,
-                     request=request, request_hash=request_hash, idempotency_key=idempotency_key,
+                     request=request, summary=request_summary(request),
+                     request_hash=request_hash, idempotency_key=idempotency_key,
                      progress=0.0, attempts=0, cancel_requested=False, created_at=now,
                      updated_at=now, event_seq=0)
         try:
             with self.transaction() as session:
+                if self.max_queued is not None:
+                    queued = session.scalar(select(func.count()).where(JobRow.status == QUEUED))
+                    if (queued or 0) >= self.max_queued:
+                        raise QueueFull(f"{queued} jobs are waiting already (the limit is "
+                                        f"{self.max_queued}); retry later")
                 session.add(job)
                 session.flush()
                 _append_event(session, job.id, "status", {"status": QUEUED, "message": "queued"})
@@ -198,11 +249,12 @@ class Store:
             if existing is None:
                 raise
             return existing, False
-        return self.get_job(job.id), True
+        return self.get_job_view(job.id), True  # type: ignore[return-value]
 
     def _job_for_key(self, key: str, request_hash: str) -> JobRow | None:
-        with self.transaction() as session:
-            job = session.scalar(select(JobRow).where(JobRow.idempotency_key == key))
+        with self.reading() as session:
+            job = session.scalar(select(JobRow).options(*VIEW_OPTIONS)
+                                 .where(JobRow.idempotency_key == key))
         if job is not None and job.request_hash != request_hash:
             raise Conflict(
                 "this Idempotency-Key was already used with a different request body; "
@@ -211,18 +263,48 @@ class Store:
         return job
 
     def get_job(self, job_id: str) -> JobRow | None:
-        with self.transaction() as session:
+        """The whole job, its request (calibration texts) and plan included."""
+        with self.reading() as session:
             return session.scalar(select(JobRow).where(JobRow.id == job_id))
 
+    def get_job_view(self, job_id: str) -> JobRow | None:
+        """The job without its request and plan (use :func:`job_summary` for the request)."""
+        with self.reading() as session:
+            return self._with_summary(session, session.scalar(
+                select(JobRow).options(*VIEW_OPTIONS).where(JobRow.id == job_id)))
+
+    def get_plan(self, job_id: str) -> tuple[str, dict | None] | None:
+        """``(status, plan)`` of a job; None when there is no such job."""
+        with self.reading() as session:
+            row = session.execute(select(JobRow.status, JobRow.plan)
+                                  .where(JobRow.id == job_id)).first()
+        return (row[0], row[1]) if row is not None else None
+
+    def job_status(self, job_id: str) -> str | None:
+        with self.reading() as session:
+            return session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+
+    @staticmethod
+    def _with_summary(session: Session, job: JobRow | None) -> JobRow | None:
+        if job is not None and job.summary is None:  # written before summaries existed
+            session.expunge(job)  # a view, never written back
+            request = session.scalar(select(JobRow.request).where(JobRow.id == job.id))
+            job.summary = request_summary(request or {})
+        return job
+
     def list_jobs(self, status: str | None, limit: int, before: int | None) -> list[JobRow]:
-        """Newest first; ``before`` is the ``seq`` of the last job of the previous page."""
-        query = select(JobRow).order_by(JobRow.seq.desc()).limit(limit)
+        """Newest first; ``before`` is the ``seq`` of the last job of the previous page.
+
+        Jobs come without their request and plan, as :meth:`get_job_view` gives them.
+        """
+        query = select(JobRow).options(*VIEW_OPTIONS).order_by(JobRow.seq.desc()).limit(limit)
         if status is not None:
             query = query.where(JobRow.status == status)
         if before is not None:
             query = query.where(JobRow.seq < before)
-        with self.transaction() as session:
-            return list(session.scalars(query))
+        with self.reading() as session:
+            return [self._with_summary(session, job)  # type: ignore[misc]
+                    for job in session.scalars(query)]
 
     def stage_timings(self, job_ids: Sequence[str]) -> dict[str, dict[str, float]]:
         timings: dict[str, dict[str, float]] = {job_id: {} for job_id in job_ids}
@@ -230,7 +312,7 @@ class Store:
             return timings
         query = (select(StageRow).where(StageRow.job_id.in_(list(job_ids)))
                  .order_by(StageRow.job_id, StageRow.ordinal))
-        with self.transaction() as session:
+        with self.reading() as session:
             for row in session.scalars(query):
                 timings[row.job_id][row.stage] = row.seconds
         return timings
@@ -238,19 +320,19 @@ class Store:
     def events_after(self, job_id: str, after: int, limit: int = 500) -> list[EventRow]:
         query = (select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > after)
                  .order_by(EventRow.seq).limit(limit))
-        with self.transaction() as session:
+        with self.reading() as session:
             return list(session.scalars(query))
 
     def queued_job_ids(self, limit: int) -> list[str]:
         query = (select(JobRow.id).where(JobRow.status == QUEUED).order_by(JobRow.seq)
                  .limit(limit))
-        with self.transaction() as session:
+        with self.reading() as session:
             return list(session.scalars(query))
 
     def counts_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         query = select(JobRow.status, func.count()).group_by(JobRow.status)
-        with self.transaction() as session:
+        with self.reading() as session:
             for status, count in session.execute(query):
                 counts[status] = count
         return counts
@@ -259,44 +341,70 @@ class Store:
         """``{stage: (jobs, total seconds)}`` over every recorded stage."""
         query = select(StageRow.stage, func.count(), func.sum(StageRow.seconds)).group_by(
             StageRow.stage)
-        with self.transaction() as session:
+        with self.reading() as session:
             return {stage: (count, float(total or 0.0))
                     for stage, count, total in session.execute(query)}
 
     # -- jobs: client actions ----------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> JobRow | None:
-        """Cancel a queued job at once; ask a running one to stop at its next step."""
-        now = time.time()
-        with self.transaction() as session:
-            job = session.scalar(select(JobRow).where(JobRow.id == job_id))
-            if job is None:
+        """Cancel a queued job at once; ask a running one to stop at its next step.
+
+        Each change is a compare-and-set ``UPDATE`` (``WHERE status = ...``), so it is safe on
+        any backend however the API processes and workers interleave.
+        """
+        for _ in range(3):  # a queued job may start between the two attempts: look again
+            now = time.time()
+            with self.transaction() as session:
+                if session.execute(
+                    update(JobRow).where(JobRow.id == job_id, JobRow.status == QUEUED)
+                    .values(status=CANCELLED, finished_at=now, updated_at=now,
+                            message="cancelled before it started")
+                ).rowcount:
+                    _append_event(session, job_id, "status",
+                                  {"status": CANCELLED, "message": "cancelled before it started"})
+                    break
+                if session.execute(
+                    update(JobRow).where(JobRow.id == job_id, JobRow.status == RUNNING,
+                                         JobRow.cancel_requested.is_(False))
+                    .values(cancel_requested=True, updated_at=now)
+                ).rowcount:
+                    _append_event(session, job_id, "status",
+                                  {"status": RUNNING, "message": "cancel requested"})
+                    break
+            status = self.job_status(job_id)
+            if status is None:
                 return None
-            if job.finished:
-                raise Conflict(f"job {job_id} already {job.status}; there is nothing to cancel")
-            if job.status == QUEUED:
-                job.status, job.finished_at = CANCELLED, now
-                job.message = "cancelled before it started"
-                _append_event(session, job_id, "status",
-                              {"status": CANCELLED, "message": job.message})
-            elif not job.cancel_requested:
-                job.cancel_requested = True
-                _append_event(session, job_id, "status",
-                              {"status": RUNNING, "message": "cancel requested"})
-            job.updated_at = now
-        return self.get_job(job_id)
+            if status in FINISHED:
+                raise Conflict(f"job {job_id} already {status}; there is nothing to cancel")
+            if status == RUNNING:  # its cancel was requested before
+                break
+        return self.get_job_view(job_id)
 
     def delete_job(self, job_id: str) -> JobRow | None:
+        """Delete a finished job with its events and timings (compare-and-set on its status)."""
+        finished = JobRow.status.in_(list(FINISHED))
         with self.transaction() as session:
-            job = session.scalar(select(JobRow).where(JobRow.id == job_id))
-            if job is None:
-                return None
-            if not job.finished:
-                raise Conflict(f"job {job_id} is {job.status}; cancel it before deleting it")
-            session.execute(delete(EventRow).where(EventRow.job_id == job_id))
-            session.execute(delete(StageRow).where(StageRow.job_id == job_id))
-            session.delete(job)
-        return job
+            # Locks the row (PostgreSQL) only if it is finished, so it stays finished.
+            if session.execute(update(JobRow).where(JobRow.id == job_id, finished)
+                               .values(updated_at=time.time())).rowcount:
+                session.execute(delete(EventRow).where(EventRow.job_id == job_id))
+                session.execute(delete(StageRow).where(StageRow.job_id == job_id))
+                job = session.scalar(select(JobRow).options(*VIEW_OPTIONS)
+                                     .where(JobRow.id == job_id))
+                session.execute(delete(JobRow).where(JobRow.id == job_id, finished))
+                return job
+        status = self.job_status(job_id)
+        if status is None:
+            return None
+        raise Conflict(f"job {job_id} is {status}; cancel it before deleting it")
+
+    def storage_used(self) -> int:
+        """Bytes of uploaded models and job checkpoints, as recorded."""
+        with self.reading() as session:
+            models = session.scalar(select(func.coalesce(func.sum(ModelRow.size_bytes), 0)))
+            artifacts = session.scalar(select(func.coalesce(func.sum(JobRow.artifact_size), 0)))
+        return int(models or 0) + int(artifacts or 0)
 
     # -- jobs: worker side -------------------------------------------------------------------
 
@@ -337,8 +445,18 @@ class Store:
 
     def report(self, job_id: str, worker_id: str, kind: str, *, stage: str | None,
                progress: float, message: str | None) -> bool:
-        """Record a stage or progress change of a job this worker owns; False if it does not."""
+        """Record a stage or progress change of a job this worker owns; False if it does not.
+
+        Progress events closer than ``PROGRESS_INTERVAL`` to the job's last one are dropped
+        (answered True: the heartbeat notices a lost job); stage and status changes never are.
+        """
         now = time.time()
+        if kind == "progress":
+            if now - self._progress_written.get(job_id, 0.0) < PROGRESS_INTERVAL:
+                return True
+            self._progress_written[job_id] = now
+        else:
+            self._progress_written.pop(job_id, None)
         with self.transaction() as session:
             owned = session.execute(
                 update(JobRow)
@@ -366,6 +484,7 @@ class Store:
                error: str | None = None, **fields: Any) -> bool:
         """Move an owned running job to a final status; False if this worker lost it."""
         now = time.time()
+        self._progress_written.pop(job_id, None)
         progress = {"progress": 1.0} if status == SUCCEEDED else {}
         with self.transaction() as session:
             owned = session.execute(
@@ -387,8 +506,9 @@ class Store:
     def recover_expired(self, lease_seconds: float, retry_limit: int) -> list[str]:
         """Re-queue (or fail, past the retry limit) running jobs whose worker stopped beating."""
         cutoff = time.time() - lease_seconds
-        query = select(JobRow).where(JobRow.status == RUNNING, JobRow.heartbeat_at < cutoff)
-        with self.transaction() as session:
+        query = select(JobRow).options(*VIEW_OPTIONS).where(JobRow.status == RUNNING,
+                                                            JobRow.heartbeat_at < cutoff)
+        with self.reading() as session:
             expired = list(session.scalars(query))
         recovered = []
         for job in expired:
@@ -402,9 +522,9 @@ class Store:
         """Re-queue the jobs of workers this process stopped on purpose (not counted as a try)."""
         if not worker_ids:
             return []
-        query = select(JobRow).where(JobRow.status == RUNNING,
-                                     JobRow.worker_id.in_(list(worker_ids)))
-        with self.transaction() as session:
+        query = select(JobRow).options(*VIEW_OPTIONS).where(
+            JobRow.status == RUNNING, JobRow.worker_id.in_(list(worker_ids)))
+        with self.reading() as session:
             jobs = list(session.scalars(query))
         return [job.id for job in jobs if self._release(job, reason, None)]
 
@@ -447,14 +567,14 @@ class Store:
         return model
 
     def get_model(self, model_id: str) -> ModelRow | None:
-        with self.transaction() as session:
+        with self.reading() as session:
             return session.scalar(select(ModelRow).where(ModelRow.id == model_id))
 
     def list_models(self, limit: int, before: int | None) -> list[ModelRow]:
         query = select(ModelRow).order_by(ModelRow.seq.desc()).limit(limit)
         if before is not None:
             query = query.where(ModelRow.seq < before)
-        with self.transaction() as session:
+        with self.reading() as session:
             return list(session.scalars(query))
 
     def delete_model(self, model_id: str) -> ModelRow | None:

@@ -270,7 +270,7 @@ def test_upload_limits(client):
             archive.addfile(info, io.BytesIO(data))
     assert len(bomb.getvalue()) < UPLOAD_LIMIT
     response = client.post("/v1/models", content=bomb.getvalue(), headers=OCTET)
-    assert response.status_code == 400 and "larger than" in response.json()["detail"]
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
 
     empty = client.post("/v1/models", content=b"", headers=OCTET)
     assert empty.status_code == 400 and "empty" in empty.json()["detail"]
@@ -288,18 +288,23 @@ def test_model_roots(client, dirs, tiny_dir):
     outside = dirs["outside"] / "tiny"
     shutil.copytree(tiny_dir, outside)
     (dirs["root"] / "link").symlink_to(outside, target_is_directory=True)
+    (dirs["root"] / "loop").symlink_to(dirs["root"] / "loop")
     refused = {
-        str(outside): "outside the server's model roots",
-        str(dirs["root"] / "link"): "outside the server's model roots",
-        f"{dirs['root']}/../outside/tiny": "outside the server's model roots",
-        "/etc": "outside the server's model roots",
-        "tiny": "absolute directory",
-        str(dirs["root"] / "missing"): "neither a bundled model",
-        str(dirs["root"]): "config.json",
+        str(outside): (403, "outside the server's model roots"),
+        str(dirs["root"] / "link"): (403, "outside the server's model roots"),
+        f"{dirs['root']}/../outside/tiny": (403, "outside the server's model roots"),
+        "/etc": (403, "outside the server's model roots"),
+        "tiny": (422, "absolute directory"),
+        str(dirs["root"] / "missing"): (404, "no model directory"),
+        str(dirs["root"]): (422, "config.json"),
+        # Model-path errors are 4xx with a message, never a 500.
+        str(dirs["root"] / "loop"): (404, "no model directory"),
+        str(dirs["root"] / ("x" * 300)): (404, "no model directory"),
+        f"{dirs['root']}/nul\x00byte": (422, "control characters"),
     }
-    for model, needle in refused.items():
+    for model, (status, needle) in refused.items():
         response = client.post("/v1/jobs", json={"model": model, "effective_bits": 8})
-        assert response.status_code == 422, (model, response.text)
+        assert response.status_code == status, (model, response.text)
         assert needle in response.json()["detail"], (model, response.text)
 
 
@@ -319,7 +324,7 @@ BAD_JOBS = {
     "negative refine": ({"refine_trials": -1}, "refine_trials"),
     "extra field": ({"trust_remote_code": True}, "Extra inputs are not permitted"),
     "unknown bundled model": ({"model": "bundled:gpt5"}, "unknown bundled model"),
-    "unknown model id": ({"model": "mdl_" + "0" * 32}, "no uploaded model"),
+    "unknown model id": ({"model": "mdl_" + "0" * 32}, "no uploaded model", 404),
     "malformed model id": ({"model": "mdl_xyz"}, "not a valid model id"),
     "missing model": ({"model": None}, "model"),
 }
@@ -327,11 +332,11 @@ BAD_JOBS = {
 
 @pytest.mark.parametrize("name", list(BAD_JOBS))
 def test_bad_job_requests(client, name):
-    change, needle = BAD_JOBS[name]
+    change, needle, *status = BAD_JOBS[name]
     body = {"model": "bundled:minilm", "effective_bits": 6, **change}
     body = {k: v for k, v in body.items() if v is not None}
     response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 422, response.text
+    assert response.status_code == (status[0] if status else 422), response.text
     assert needle in response.json()["detail"]
 
 
@@ -359,7 +364,7 @@ def test_idempotent_submit(client, tiny_model):
     assert again.headers["idempotent-replayed"] == "true"
     other = client.post("/v1/jobs", json={**body, "effective_bits": 4},
                         headers={"Idempotency-Key": "build-42"})
-    assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
     fresh = submit(client, body, **{"Idempotency-Key": "build-43"})
     assert fresh["id"] != first["id"]
     wait_for(client, first["id"])

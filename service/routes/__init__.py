@@ -1,0 +1,1 @@
+"""The HTTP routes, one module per resource; ``common`` holds their shared dependencies."""
