@@ -344,3 +344,35 @@ def test_cache_from_another_triton_version_is_ignored(tmp_path, monkeypatch):
     path = tuning.cache_path("Fake GPU")
     path.write_text(path.read_text().replace(tuning._triton_version(), "0.0.0"))
     assert tuning.load_cache("Fake GPU") == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Strided inputs: a non-contiguous bias and a row-padded x on every kernel path
+# --------------------------------------------------------------------------------------------
+
+STRIDED_PATHS = [("int8_dynamic", "mm-split3"), ("int8_dynamic", "mm-swizzle")] + [
+    (family, name) for family in ("int8_weight_only", "int4") for name in CONFIGS]
+
+
+@pytest.mark.parametrize("family, name", STRIDED_PATHS)
+def test_strided_bias_and_x(family, name):
+    n, k = 72, 160
+    m = 70 if name == "mm-swizzle" else 3
+    weight = int8_weight(n, k) if family != "int4" else int4_weight(n, k, 32)
+    g = torch.Generator().manual_seed(5)
+    bias = torch.randn(2 * n, generator=g).to(torch.bfloat16).to(DEVICE)[::2]  # stride 2
+    padded = torch.randn(m, k + 24, generator=g)
+    padded[m // 2] = 0.0  # an all-zero token (check() expects one)
+    padded = padded.to(torch.bfloat16).to(DEVICE)
+    x = padded[:, 8:8 + k]  # row stride k + 24, offset 8
+    assert not bias.is_contiguous() and x.stride(0) == k + 24
+    y = run(family, x, weight, bias, CONFIGS[name])
+    check(y, family, x.contiguous(), weight, bias.contiguous())
+
+
+def test_index_guard_counts_the_row_stride(monkeypatch):
+    weight = int8_weight(8, 96)
+    padded = torch.randn(8, 200).to(DEVICE)
+    monkeypatch.setattr(tb, "_INDEX_LIMIT", 8 * 96 + 1)  # m * k and n * k fit, (m - 1) * stride + k not
+    assert tb.INT8_WEIGHT_ONLY.supports(weight, padded[:, :96].contiguous()) is None
+    assert "32-bit" in tb.INT8_WEIGHT_ONLY.supports(weight, padded[:, :96])

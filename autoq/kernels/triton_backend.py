@@ -53,7 +53,11 @@ class TritonKernel:
             return f"the Triton kernels take fp16, bf16 or fp32 activations, got {x.dtype}"
         n, k = weight.out_features, weight.in_features
         m = x.shape[0] if x.dim() == 2 else x.numel() // max(k, 1)
-        if max(n * k, m * k, m * n) >= _INDEX_LIMIT:
+        # The last element of x a kernel reads is at (m - 1) * (row stride) + k - 1: a padded or
+        # sliced x reaches further than m * k.
+        row_stride = x.stride(-2) if x.dim() >= 2 and x.stride(-1) == 1 else k
+        x_extent = (m - 1) * max(row_stride, k) + k if m else 0
+        if max(n * k, x_extent, m * n) >= _INDEX_LIMIT:
             return "a tensor has 2**31 elements or more, beyond the kernels' 32-bit indexing"
         return None
 

@@ -87,7 +87,7 @@ def prepare_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    N, K, stride_xm, stride_ym,
+    N, K, stride_xm, stride_ym, stride_b,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -120,14 +120,14 @@ def _int4_gemv_kernel(
     y = tl.sum(acc, axis=0)
     if HAS_BIAS:
         if pid_k == 0:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)
     write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, SPLIT_K)
 
 
 @triton.jit
 def _int4_mm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, stride_xm, stride_ym,
+    M, N, K, stride_xm, stride_ym, stride_b,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -164,7 +164,7 @@ def _int4_mm_kernel(
     y = acc
     if HAS_BIAS:
         if pid_k == 0:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
                  m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
@@ -205,11 +205,12 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
         w_t = dequantize_int4_t(w, x.dtype)
         return F.linear(x, w_t.t(), None if bias is None else bias.to(x.dtype))
     y = output_buffer(m, n, x.dtype, x.device, config.split_k)
-    bias_arg = bias if bias is not None else y
+    bias_arg, stride_b = (bias, bias.stride(0)) if bias is not None else (y, 0)
     if config.kernel == "gemv":
         grid = (triton.cdiv(n, config.block_n), config.split_k, m)
         _int4_gemv_kernel[grid](
             x, w.qweight, w.scale, w.zero_point, bias_arg, y, n, k, x.stride(0), y.stride(0),
+            stride_b,
             GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
@@ -221,6 +222,7 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
         _int4_mm_kernel[grid](
             x, w.qweight, w.scale, w.zero_point, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
+            stride_b,
             GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None,
             DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

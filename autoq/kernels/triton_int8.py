@@ -124,7 +124,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def _int8_dynamic_mm_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -152,7 +152,7 @@ def _int8_dynamic_mm_kernel(
     y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
         if pid_k == 0:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
                  m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
@@ -170,6 +170,7 @@ def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | Non
     _int8_dynamic_mm_kernel[grid](
         xq, xs, w.qweight, w.scale, bias if bias is not None else y, y,
         m, n, k, xq.stride(0), w.qweight.stride(0), y.stride(0),
+        0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -185,7 +186,7 @@ def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | Non
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
-    N, K, stride_xm, stride_wn, stride_ym,
+    N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -210,14 +211,14 @@ def _int8_gemv_kernel(
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         if pid_k == 0:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)
     write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, SPLIT_K)
 
 
 @triton.jit
 def _int8_weight_only_mm_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -246,7 +247,7 @@ def _int8_weight_only_mm_kernel(
     y = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         if pid_k == 0:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
                  m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
@@ -282,11 +283,12 @@ def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor |
     if config.kernel == "dequant":
         return F.linear(x, dequantize_int8(w, x.dtype), None if bias is None else bias.to(x.dtype))
     y = output_buffer(m, n, x.dtype, x.device, config.split_k)
-    bias_arg = bias if bias is not None else y
+    bias_arg, stride_b = (bias, bias.stride(0)) if bias is not None else (y, 0)
     if config.kernel == "gemv":
         grid = (triton.cdiv(n, config.block_n), config.split_k, m)
         _int8_gemv_kernel[grid](
             x, w.qweight, w.scale, bias_arg, y, n, k, x.stride(0), w.qweight.stride(0), y.stride(0),
+            stride_b,
             HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -295,7 +297,7 @@ def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor |
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
         _int8_weight_only_mm_kernel[grid](
             x, w.qweight, w.scale, bias_arg, y, m, n, k,
-            x.stride(0), w.qweight.stride(0), y.stride(0),
+            x.stride(0), w.qweight.stride(0), y.stride(0), stride_b,
             HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=config.group_m, SPLIT_K=config.split_k,
