@@ -131,6 +131,24 @@ def plan_show(path: Path = typer.Argument(..., help="a plan.json")) -> None:
     typer.echo(plan.summary(), nl=False)
 
 
+@plan_app.command("report")
+def plan_report(
+    path: Path = typer.Argument(..., help="a plan.json"),
+    report_path: Path = typer.Option(..., "--out", "-o", help="write the HTML report here"),
+) -> None:
+    """Write a self-contained HTML report of a plan: charts of bits, sensitivity, latency and the
+    budget curve (re-solved from the plan's statistics), dropped formats, stage times, settings."""
+    from autoq.plan import Plan, atomic_write_text
+    from autoq.report import render_report
+
+    try:
+        page = render_report(Plan.load(path))
+        atomic_write_text(report_path, page)
+    except (*INPUT_ERRORS, IsADirectoryError) as e:
+        raise _fail(str(e)) from None
+    out.print(f"report written to {report_path}", highlight=False)
+
+
 @plan_app.command("resolve")
 def plan_resolve(
     path: Path = typer.Argument(..., help="a plan.json"),
