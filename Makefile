@@ -7,6 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: setup demo test lint bench clean
 
 setup: .venv/.installed
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium not installed: the browser test will be skipped"
 
 # torch first, pinned, so pip never resolves a multi-GB CUDA build on a CPU-only machine.
 .venv/.installed: pyproject.toml
