@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import autoq
@@ -109,14 +109,13 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JS
 
 
 def allowed_methods(request: Request) -> str:
-    """The methods the routes at this path accept, for a 405's ``Allow`` header."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= route.methods
-    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-    return ", ".join(sorted(methods, key=lambda m: order.index(m) if m in order else 99))
+    """The methods the schema documents for this path, for a 405's ``Allow`` header."""
+    app = request.app
+    if getattr(app.state, "allow", None) is None:
+        app.state.allow = [(compile_path(path)[0], ", ".join(method.upper() for method in methods))
+                           for path, methods in app.openapi()["paths"].items()]
+    path = request.scope.get("path", "")
+    return next((methods for pattern, methods in app.state.allow if pattern.match(path)), "")
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -39,28 +39,32 @@ class Space:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._reserved = 0
+        self._stored = 0  # reserved bytes that count against the quota (unpacked models)
+        self._disk = 0  # reserved bytes of disk (the above and archives being received)
 
     @contextmanager
     def reserve(self, settings: Settings, store: Store, size: int, what: str, *,
                 quota: bool = True) -> Iterator[None]:
         """Hold ``size`` bytes; TooLarge past the quota (when ``quota``) or the free space."""
         with self._lock:
-            used = store.storage_used() + self._reserved if quota else 0
-            if quota and used + size > settings.storage_quota_bytes:
-                raise TooLarge(f"{what} ({size} bytes) would pass the server's storage quota "
-                               f"({used} of {settings.storage_quota_bytes} bytes in use)")
+            if quota:
+                used = store.storage_used() + self._stored
+                if used + size > settings.storage_quota_bytes:
+                    raise TooLarge(f"{what} ({size} bytes) would pass the server's storage quota "
+                                   f"({used} of {settings.storage_quota_bytes} bytes in use)")
             settings.shared.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(settings.shared).free - self._reserved
+            free = shutil.disk_usage(settings.shared).free - self._disk
             if free - size < settings.min_free_bytes:
                 raise TooLarge(f"{what} ({size} bytes) would leave less than "
                                f"{settings.min_free_bytes} bytes of free disk space")
-            self._reserved += size
+            self._disk += size
+            self._stored += size if quota else 0
         try:
             yield
         finally:
             with self._lock:
-                self._reserved -= size
+                self._disk -= size
+                self._stored -= size if quota else 0
 
 
 SPACE = Space()

@@ -1,0 +1,181 @@
+"""The job store under concurrency: reads never wait for the writer, list/get load only what
+they show, state changes are compare-and-set, progress writes are throttled."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy import inspect as orm_state
+
+from service.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, Conflict, QueueFull, Store
+
+BIG_CALIBRATION = {"texts": ["a sentence of calibration text"] * 2000}
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_all()
+    return store
+
+
+def new_job(store: Store, **request) -> str:
+    body = {"model": "bundled:minilm", "effective_bits": 6, "objective": "balanced", **request}
+    job, _ = store.create_job(model="bundled:minilm", model_path="bundled:minilm", request=body,
+                              request_hash="h", idempotency_key=None)
+    return job.id
+
+
+def test_reads_do_not_wait_for_a_writer(store, tmp_path):
+    job_id = new_job(store)
+    writer = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    writer.execute("UPDATE jobs SET message = 'busy'")
+    try:
+        reader = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+        # With BEGIN IMMEDIATE for reads, each of these would wait for the writer (and fail).
+        assert [job.id for job in reader.list_jobs(None, 10, None)] == [job_id]
+        assert reader.get_job_view(job_id).status == QUEUED
+        assert reader.job_status(job_id) == QUEUED
+        assert reader.events_after(job_id, 0)[0].kind == "status"
+        assert reader.counts_by_status()[QUEUED] == 1
+        assert reader.get_job(job_id).request["effective_bits"] == 6
+    finally:
+        writer.execute("ROLLBACK")
+
+
+def test_views_leave_the_request_and_plan_unloaded(store):
+    job_id = new_job(store, calibration=BIG_CALIBRATION)
+    for job in [store.get_job_view(job_id), *store.list_jobs(None, 10, None)]:
+        assert {"request", "plan"} <= orm_state(job).unloaded
+        assert job.summary["calibration_texts"] == 2000
+        assert "calibration" not in job.summary
+    assert store.get_job(job_id).request["calibration"] == BIG_CALIBRATION  # the worker's view
+
+
+def test_jobs_from_before_the_summary_column(store, tmp_path):
+    job_id = new_job(store, calibration={"texts": ["x", "y"]})
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN summary")
+    reopened = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    reopened.create_all()  # adds the column back, empty for the old row
+    assert reopened.get_job_view(job_id).summary["calibration_texts"] == 2
+    assert reopened.get_job(job_id).summary is None  # the view did not write it back
+
+
+def test_cancel_is_compare_and_set(store):
+    job_id = new_job(store)
+    results: list[object] = []
+
+    def cancel() -> None:
+        try:
+            results.append(store.request_cancel(job_id).status)
+        except Conflict:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=cancel) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(CANCELLED) == 1 and results.count("conflict") == 7
+    events = [e.data["status"] for e in store.events_after(job_id, 0)]
+    assert events == [QUEUED, CANCELLED]
+
+    running = new_job(store)
+    assert store.claim(running, "w1") is not None
+    assert store.request_cancel(running).cancel_requested
+    assert store.request_cancel(running).status == RUNNING  # asked again: nothing new
+    assert [e.data["message"] for e in store.events_after(running, 0)][-1] == "cancel requested"
+    assert len(store.events_after(running, 0)) == 3
+    assert store.request_cancel("job_" + "0" * 32) is None
+
+
+def test_delete_is_compare_and_set(store):
+    job_id = new_job(store)
+    with pytest.raises(Conflict, match="queued"):
+        store.delete_job(job_id)
+    store.claim(job_id, "w1")
+    with pytest.raises(Conflict, match="running"):
+        store.delete_job(job_id)
+    assert store.finish(job_id, "w1", SUCCEEDED, message="done", artifact_size=10)
+    assert store.storage_used() == 10
+    assert store.delete_job(job_id).id == job_id
+    assert store.get_job(job_id) is None and store.events_after(job_id, 0) == []
+    assert store.delete_job(job_id) is None
+
+
+def test_claim_has_one_winner(store):
+    job_id = new_job(store)
+    winners: list[str] = []
+
+    def claim(worker: str) -> None:
+        if store.claim(job_id, worker) is not None:
+            winners.append(worker)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1 and store.get_job(job_id).worker_id == winners[0]
+
+
+def test_queue_limit(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}", max_queued=2)
+    store.create_all()
+    first = new_job(store)
+    new_job(store)
+    with pytest.raises(QueueFull, match="limit is 2"):
+        new_job(store)
+    store.request_cancel(first)
+    new_job(store)  # room again
+
+
+def test_progress_writes_are_throttled(store):
+    job_id = new_job(store)
+    store.claim(job_id, "w1")
+    before = len(store.events_after(job_id, 0))
+    assert store.report(job_id, "w1", "stage", stage="profile", progress=0.1, message=None)
+    for step in range(50):
+        assert store.report(job_id, "w1", "progress", stage="profile", progress=0.1 + step / 1000,
+                            message=None)
+    kinds = [e.kind for e in store.events_after(job_id, before)]
+    assert kinds == ["stage", "progress"]  # 50 calls within a moment: one progress event
+    assert store.report(job_id, "w1", "stage", stage="benchmark", progress=0.3, message=None)
+    assert store.report(job_id, "w1", "progress", stage="benchmark", progress=0.31, message=None)
+    assert [e.kind for e in store.events_after(job_id, before)][-2:] == ["stage", "progress"]
+    assert not store.report(job_id, "someone-else", "stage", stage="x", progress=0.5, message=None)
+
+
+def test_many_readers_beside_a_busy_writer(store):
+    """Readers on threads while a writer keeps the database busy: no read fails."""
+    job_id = new_job(store)
+    store.claim(job_id, "w1")
+    stop = time.monotonic() + 2.0
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        step = 0
+        while time.monotonic() < stop:
+            step += 1
+            store.report(job_id, "w1", "stage", stage=f"s{step % 5}", progress=0.5, message=None)
+
+    def read() -> None:
+        try:
+            while time.monotonic() < stop:
+                store.list_jobs(None, 20, None)
+                store.get_job_view(job_id)
+                store.events_after(job_id, 0, 50)
+        except BaseException as e:  # noqa: BLE001 - any failure is the finding
+            failures.append(e)
+
+    threads = [threading.Thread(target=write), *(threading.Thread(target=read) for _ in range(4))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
