@@ -192,6 +192,33 @@ def test_llama_weight_only_round_trip(tmp_path, monkeypatch):
         assert torch.equal(loaded(ids).logits, fast)
 
 
+@pytest.mark.parametrize("format_name", ["fp8_e4m3_weight_only", "fp8_e4m3_dynamic"])
+def test_llama_fp8_round_trip(format_name, tmp_path, monkeypatch):
+    """FP8 exports are float-quantized checkpoints that plain transformers loads."""
+    model = tiny_llama()
+    plan = Plan({name: format_name for name in autoq.quantizable_layers(model)})
+    autoq.apply(model, plan)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = reference_output(model, monkeypatch, ids).logits
+    with torch.no_grad():
+        fast = model(ids).logits
+    autoq.save_quantized(model, tmp_path, plan=plan)
+    qconfig = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qconfig["format"] == "float-quantized"
+    group = next(iter(qconfig["config_groups"].values()))
+    assert group["weights"]["type"] == "float" and group["weights"]["strategy"] == "channel"
+    assert (group["input_activations"] is None) == (format_name == "fp8_e4m3_weight_only")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        err = rel_err(hf(ids).logits, expected)
+    assert err <= 2e-2, err
+    loaded = autoq.load_quantized(tmp_path)
+    assert set(autoq.layer_formats(loaded).values()) == {format_name}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, fast)
+
+
 def test_minilm_every_format_round_trip(
     minilm, minilm_tokenizer, unseen_batch, tmp_path, monkeypatch
 ):
@@ -409,12 +436,13 @@ def test_unsupported_schemes_are_named(ct_checkpoint, tmp_path):
     ):
         autoq.load_quantized(tmp_path)
 
-    fp8 = {
+    static_fp8 = {  # compressed-tensors' FP8 preset: a calibrated per-tensor activation scale
         "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor"},
     }
-    with pytest.raises(ValueError, match=r"'fp8'.*float8 symmetric channel"):
-        ct_ckpt.format_for_scheme("fp8", fp8)
+    with pytest.raises(ValueError, match=r"'fp8'.*float8 symmetric tensor.*no autoq format"):
+        ct_ckpt.format_for_scheme("fp8", static_fp8)
 
 
 # --------------------------------------------------------------------------- fallbacks

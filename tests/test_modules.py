@@ -9,7 +9,8 @@ from autoq.modules import QuantizedLinear, quantize_layer
 QUANTIZED = [f for f in formats.names() if f != "none"]
 # Relative error of the module vs F.linear with its own dequantized weight. The native weight-only
 # kernels compute in bf16 and int8_dynamic also rounds the activations, hence the looser bounds.
-TOLERANCE = {"int8_dynamic": 2e-2, "int8_weight_only": 1e-2, "int4_g32": 1e-2, "int4_g64": 1e-2, "int4_g128": 1e-2}
+TOLERANCE = {"int8_dynamic": 2e-2, "int8_weight_only": 1e-2, "int4_g32": 1e-2, "int4_g64": 1e-2, "int4_g128": 1e-2,
+             "fp8_e4m3_weight_only": 1e-2, "fp8_e4m3_dynamic": 4e-2}
 
 
 def rel_err(a, b):

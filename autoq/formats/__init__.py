@@ -6,6 +6,8 @@
 | int8_dynamic     | int8 symmetric per output channel       | int8 per token, dynamic  |
 | int8_weight_only | int8 symmetric per output channel       | 16-bit float             |
 | int4_g{32,64,128}| uint4 asymmetric per group, 2 per byte  | 16-bit float             |
+| fp8_e4m3_weight_only | float8 e4m3 per output channel      | 16-bit float             |
+| fp8_e4m3_dynamic | float8 e4m3 per output channel          | float8 per token, dynamic|
 
 Each format is one object (``autoq.formats.base.Format``) that owns its bits, quantizer,
 module buffers, kernels and checkpoint scheme. Adding a format: define it (a ``Format``
@@ -17,6 +19,7 @@ service changes (see docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 from autoq.formats.base import Format, Kernel, QuantizedWeight, Unquantized, register_kernel
+from autoq.formats.fp8 import Fp8Dynamic, Fp8WeightOnly
 from autoq.formats.integer import Int4Groups, Int8Dynamic, Int8WeightOnly
 
 __all__ = ["Format", "Kernel", "QuantizedWeight", "all_formats", "get", "names", "register",
@@ -54,3 +57,5 @@ register(Int8Dynamic("int8_dynamic", "W8A8: int8 weights, per-token dynamic int8
 register(Int8WeightOnly("int8_weight_only", "W8A16: int8 weights, 16-bit activations"))
 for _g in (32, 64, 128):
     register(Int4Groups(f"int4_g{_g}", f"W4A16: asymmetric uint4, groups of {_g}", _g))
+register(Fp8WeightOnly("fp8_e4m3_weight_only", "W8A16-FP8: float8 e4m3 weights, 16-bit activations"))
+register(Fp8Dynamic("fp8_e4m3_dynamic", "W8A8-FP8: float8 e4m3 weights, per-token dynamic float8 activations"))

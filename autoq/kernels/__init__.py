@@ -5,15 +5,16 @@ A kernel implements one format on one backend (the ``Kernel`` protocol of ``auto
 registers its kernels in the formats' tables with ``autoq.formats.register_kernel`` when it is
 imported:
 
-- ``native``: PyTorch's CPU ops (``native.py``);
+- ``native``: PyTorch's own ops (``native.py`` for the integer formats on CPU, ``fp8.py`` for FP8
+  on CPU and CUDA);
 - ``triton``: our Triton kernels — CUDA, or CPU under ``TRITON_INTERPRET=1`` (``triton_backend.py``);
 - ``reference``: the format's own ``reference_linear`` (dequantize, then a float matmul; or the
   exact activation quantization of W8A8). It runs every shape on every device, so every format
   has it.
 
-``AUTOQ_BACKEND`` forces a backend; by default CUDA tensors use ``triton`` and CPU tensors
-``native``. A backend with no kernel for a format, or whose kernel cannot run a given shape,
-falls back to ``reference``.
+``AUTOQ_BACKEND`` forces a backend; by default CUDA tensors try ``triton`` then ``native``, and
+CPU tensors ``native``: the first backend with a kernel for the format that supports the shape
+runs it, else ``reference``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from autoq.formats.base import Format, Kernel, QuantizedWeight
 __all__ = ["BACKENDS", "QuantizedWeight", "Selection", "kernel_for", "select_kernel"]
 
 BACKENDS = ("native", "triton", "reference")
-_MODULES = {"native": "autoq.kernels.native", "triton": "autoq.kernels.triton_backend"}
+_MODULES = {"native": ("autoq.kernels.native", "autoq.kernels.fp8"),
+            "triton": ("autoq.kernels.triton_backend",)}
 
 
 class ReferenceKernel:
@@ -57,10 +59,15 @@ def requested_backend() -> str | None:
     return name
 
 
-def default_backend(device: torch.device) -> str:
+def default_backends(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda":
-        return "triton" if triton_available() else "reference"
-    return "native"
+        return ("triton", "native") if triton_available() else ("native",)
+    return ("native",)
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend tried first on ``device`` (recorded with the hardware a plan was timed on)."""
+    return default_backends(device)[0]
 
 
 def triton_available() -> bool:
@@ -78,7 +85,8 @@ def load_backend(name: str) -> None:
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     try:
-        importlib.import_module(_MODULES[name])
+        for module in _MODULES[name]:
+            importlib.import_module(module)
     except ImportError as err:
         if name != "triton":
             raise
@@ -105,11 +113,15 @@ class Selection:
 
 def select_kernel(fmt: Format, weight: QuantizedWeight, x: torch.Tensor) -> Selection:
     """The kernel that will run ``fmt`` for this weight and input."""
-    name = requested_backend() or default_backend(x.device)
-    if name == "reference":
-        return Selection("reference", ReferenceKernel(fmt))
-    kernel = kernel_for(fmt, name)
-    reason = f"the {name} backend has no kernel for {fmt.name}" if kernel is None else kernel.supports(weight, x)
-    if reason is not None:
-        return Selection("reference", ReferenceKernel(fmt), reason)
-    return Selection(name, kernel)
+    requested = requested_backend()
+    names = (requested,) if requested else default_backends(x.device)
+    reasons = []
+    for name in names:
+        if name == "reference":
+            return Selection("reference", ReferenceKernel(fmt))
+        kernel = kernel_for(fmt, name)
+        reason = f"the {name} backend has no kernel for {fmt.name}" if kernel is None else kernel.supports(weight, x)
+        if reason is None:
+            return Selection(name, kernel)
+        reasons.append(reason)
+    return Selection("reference", ReferenceKernel(fmt), "; ".join(reasons))

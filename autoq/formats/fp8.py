@@ -1,0 +1,118 @@
+"""FP8 formats: ``float8_e4m3fn`` weights per output channel, with 16-bit (W8A16-FP8) or dynamic
+per-token FP8 (W8A8-FP8) activations.
+
+Storage: ``qweight`` float8_e4m3fn ``[N, K]``, ``scale`` fp32 ``[N]`` with ``absmax / 448``
+(448 is e4m3's largest finite value); ``w = q * scale``. W8A8-FP8 quantizes each token the same
+way at run time and accumulates the products exactly scaled (``torch._scaled_mm`` on GPUs with
+FP8 tensor cores, compute capability 8.9+; elsewhere the format reports itself unsupported).
+
+compressed-tensors (``float-quantized``): ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale``
+``[N, 1]``. fp8_e4m3_dynamic is the ``FP8_DYNAMIC`` preset (channel weights, dynamic per-token
+activations); fp8_e4m3_weight_only is FP8 channel (or tensor) weights with no activation
+quantization, which vLLM runs as W8A16-FP8. The static ``FP8`` preset (a calibrated per-tensor
+activation scale) has no autoq format and is refused by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autoq import primitives as P
+from autoq.formats.base import (
+    Format,
+    QuantizedWeight,
+    TensorSpecs,
+    int_args,
+    plain_weights,
+    scale_out,
+)
+
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def float_args(strategy: str, dynamic: bool = False) -> dict:
+    return int_args(8, True, strategy, dynamic=dynamic, type_="float")
+
+
+class Fp8PerChannel(Format):
+    """float8_e4m3fn weights, one fp32 scale per output channel."""
+
+    weight_bits = 8
+
+    def storage_bits(self, out_features: int, in_features: int) -> float:
+        return 8.0 + 32 / in_features
+
+    def unsupported_reason(self, device: torch.device) -> str | None:
+        if device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < FP8_MIN_CAPABILITY:
+                return (f"FP8 needs compute capability 8.9 or newer (Ada, Hopper); this GPU is "
+                        f"sm_{capability[0]}{capability[1]}")
+        return None
+
+    def tensor_specs(self, out_features: int, in_features: int) -> TensorSpecs:
+        return {"qweight": ((out_features, in_features), torch.float8_e4m3fn),
+                "scale": ((out_features,), torch.float32)}
+
+    def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        n, k = weight.shape
+        q, scale = P.quantize_fp8_e4m3(weight, (1, k))
+        return QuantizedWeight(q, scale.reshape(-1), None, n, k)
+
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (weight.qweight.float() * weight.scale.float()[:, None]).to(dtype)
+
+    def ct_export(self, weight: QuantizedWeight, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"weight": weight.qweight.clone(),
+                "weight_scale": scale_out(weight.scale.reshape(-1, 1), model_dtype)}
+
+    def ct_import(self, name: str, weights: dict, tensors: dict[str, torch.Tensor],
+                  out_features: int, in_features: int) -> QuantizedWeight:
+        q = tensors.pop(f"{name}.weight", None)
+        if q is None or q.dtype != torch.float8_e4m3fn:
+            stored = "missing" if q is None else f"stored as {q.dtype}"
+            raise ValueError(f"layer {name!r}: its FP8 weight is {stored}; expected float8_e4m3fn")
+        if tuple(q.shape) != (out_features, in_features):
+            raise ValueError(f"layer {name!r}: weight has shape {tuple(q.shape)}, the model expects "
+                             f"{(out_features, in_features)}")
+        scale = tensors.pop(f"{name}.weight_scale").float().reshape(-1).expand(out_features)
+        tensors.pop(f"{name}.weight_zero_point", None)  # symmetric: zero when present
+        return QuantizedWeight(q, scale.contiguous(), None, out_features, in_features)
+
+    def _accepts_weights(self, weights: dict) -> bool:
+        return (plain_weights(weights, "float") and weights["num_bits"] == 8 and weights["symmetric"]
+                and weights["strategy"] in ("channel", "tensor"))
+
+
+class Fp8WeightOnly(Fp8PerChannel):
+    """W8A16-FP8: FP8 weights, 16-bit activations."""
+
+    def ct_scheme(self) -> dict:
+        return {"weights": float_args("channel"), "input_activations": None,
+                "output_activations": None, "format": "float-quantized"}
+
+    def ct_accepts(self, weights: dict, input_activations: dict | None) -> bool:
+        return self._accepts_weights(weights) and input_activations is None
+
+
+class Fp8Dynamic(Fp8PerChannel):
+    """W8A8-FP8: FP8 weights per channel, activations quantized to FP8 per token at run time."""
+
+    def reference_linear(self, x: torch.Tensor, weight: QuantizedWeight,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+        xq, xs = P.quantize_per_token_fp8(x)
+        acc = xq.double() @ weight.qweight.double().t()  # products of two fp8 values are exact
+        y = (acc * xs.double() * weight.scale.double()[None, :]).float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+    def ct_scheme(self) -> dict:
+        return {"weights": float_args("channel"),
+                "input_activations": float_args("token", dynamic=True),
+                "output_activations": None, "format": "float-quantized"}
+
+    def ct_accepts(self, weights: dict, input_activations: dict | None) -> bool:
+        acts = input_activations
+        return (self._accepts_weights(weights) and acts is not None and acts["type"] == "float"
+                and acts["num_bits"] == 8 and acts["strategy"] == "token" and acts["dynamic"] is True)
