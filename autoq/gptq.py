@@ -103,38 +103,63 @@ def _run_batch(model: nn.Module, batch: Any) -> None:
 
 
 def accumulate_hessians(
-    model: nn.Module, batches: Iterable[Any], layers: Mapping[str, nn.Module]
+    model: nn.Module, batches: Iterable[Any], layers: Mapping[str, nn.Module], *, share_inputs: bool = True
 ) -> dict[str, HessianAccumulator]:
     """Run ``model`` on ``batches`` (under ``no_grad``) and accumulate each layer's input Hessian.
 
     ``layers`` maps names to ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside ``model``. The
     inputs each layer really receives are used, so quantizing earlier layers first and calling
-    this afterwards gives the sequential (standard) GPTQ Hessians. One accumulator per layer;
-    layers fed the same tensor (q/k/v) get equal Hessians. Batches must already be on the
-    model's device. The hooks are removed even when the model raises.
-    """
-    accumulators = {
-        name: HessianAccumulator(_in_features(layer), layer.weight.device) for name, layer in layers.items()
-    }
+    this afterwards gives the sequential (standard) GPTQ Hessians. Batches must already be on
+    the model's device. The hooks are removed even when the model raises.
 
-    def make_hook(acc: HessianAccumulator):
+    With ``share_inputs``, a layer called right after another one on the very same tensor
+    (q/k/v, gate/up) gets that layer's accumulator object: one ``K x K`` Hessian per distinct
+    input, computed once. The sharing is decided on each layer's first call and checked on
+    every later one. A layer that never ran gets an empty accumulator (zero Hessian, which
+    :func:`gptq_quantize` reports as :class:`DegenerateHessian`).
+    """
+    accumulators: dict[str, HessianAccumulator] = {}
+    shares_with: dict[str, str | None] = {}  # the layer whose input this one reuses, if any
+    previous: dict[str, Any] = {"input": None, "name": None}  # the last hooked call
+
+    def make_hook(name: str, layer: nn.Module):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            acc.update(x)
+            same_as_previous = share_inputs and previous["input"] is x
+            if name not in accumulators:
+                if same_as_previous:
+                    shares_with[name] = previous["name"]
+                    accumulators[name] = accumulators[previous["name"]]
+                else:
+                    shares_with[name] = None
+                    accumulators[name] = HessianAccumulator(_in_features(layer), layer.weight.device)
+            if shares_with[name] is None:
+                accumulators[name].update(x)
+            elif not (same_as_previous and previous["name"] == shares_with[name]):
+                raise RuntimeError(
+                    f"layer {name!r} shared the input of {shares_with[name]!r} on its first call but "
+                    f"not later; call accumulate_hessians with share_inputs=False"
+                )
+            previous["input"], previous["name"] = x, name
 
         return hook
 
     handles = []
     try:
         for name, layer in layers.items():
-            handles.append(layer.register_forward_pre_hook(make_hook(accumulators[name]), with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(make_hook(name, layer), with_kwargs=True))
         with torch.no_grad():
             for batch in batches:
                 _run_batch(model, batch)
+                previous["input"] = previous["name"] = None
     finally:
         for handle in handles:
             handle.remove()
-    return accumulators
+        previous["input"] = None
+    return {
+        name: accumulators.get(name) or HessianAccumulator(_in_features(layer), layer.weight.device)
+        for name, layer in layers.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,36 @@ def test_accumulate_hessians_sees_layer_inputs_and_removes_hooks():
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
+class Attention(nn.Module):
+    """q/k/v read one tensor; ``unused`` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o, self.unused = (nn.Linear(8, 8) for _ in range(5))
+
+    def forward(self, x):
+        return self.o(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_accumulate_hessians_shares_one_accumulator_per_distinct_input():
+    torch.manual_seed(0)
+    model = Attention()
+    layers = dict(model.named_children())
+    batches = [torch.randn(3, 8), torch.randn(5, 8)]
+    shared = gptq.accumulate_hessians(model, batches, layers)
+    assert shared["q"] is shared["k"] is shared["v"] and shared["o"] is not shared["q"]
+    x = torch.cat(batches)
+    torch.testing.assert_close(shared["q"].hessian, 2.0 / 8 * x.T @ x)
+    assert shared["q"].rows == 8 and shared["unused"].rows == 0
+
+    separate = gptq.accumulate_hessians(model, batches, layers, share_inputs=False)
+    assert separate["q"] is not separate["k"]
+    for name in layers:
+        torch.testing.assert_close(separate[name].hessian, shared[name].hessian)
+    with pytest.raises(gptq.DegenerateHessian, match="never ran"):
+        run_int8(model.unused.weight, shared["unused"].hessian)
+
+
 class Boom(nn.Module):
     def forward(self, x):
         raise RuntimeError("boom")

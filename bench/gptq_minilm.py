@@ -1,0 +1,170 @@
+"""GPTQ vs round-to-nearest on the bundled MiniLM, every nn.Linear at one int4 format (fake quant).
+
+Each layer's weight is replaced by its dequantized float weight (autoq's quantized modules are not
+used), then the held-out embedding cosine against the float model is measured on
+``tests/conftest.py`` ``UNSEEN_SENTENCES`` (mean-pooled ``last_hidden_state``, attention mask).
+
+Hessian schedules for GPTQ:
+- ``sequential``: layers in forward order, one stage per distinct layer input (q/k/v together,
+  then the attention output, the intermediate, the output dense, ...); each stage's Hessians are
+  collected on the model whose earlier stages are already quantized (the standard schedule);
+- ``block``: one stage per transformer block (its layers' Hessians collected together);
+- ``parallel``: all Hessians collected once on the float model.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py [--damp 0.01] [--schedule sequential]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from autoq import gptq  # noqa: E402
+from autoq import primitives as P  # noqa: E402
+from autoq.calibration import bundled_texts, text_batches  # noqa: E402
+from autoq.models import load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import UNSEEN_SENTENCES, embedding_cosine, mean_pooled  # noqa: E402
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def rtn_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    q, scale, zero_point = P.quantize_int4_asymmetric(w.float(), group_size)
+    return P.dequantize_affine(q, (1, group_size), scale, zero_point)
+
+
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float, block_size: int) -> tuple[torch.Tensor, str]:
+    try:
+        result = gptq.gptq_quantize(
+            w.float(), h, group_size, gptq.fit_int4, gptq.fake_quant_int4, block_size=block_size, damp=damp
+        )
+    except gptq.DegenerateHessian as e:
+        return rtn_weight(w, group_size), e.reason
+    return result.weight, ""
+
+
+def forward_stages(model: nn.Module, batch: dict, layers: dict[str, nn.Linear]) -> list[list[str]]:
+    """Layers in the order the forward pass calls them, grouped by identical input tensor."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: calls.append((name, args[0])))
+        for name, m in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: list[list[str]] = []
+    previous: torch.Tensor | None = None
+    for name, x in calls:
+        if previous is not None and x is previous:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        previous = x
+    return stages
+
+
+def block_stages(stages: list[list[str]]) -> list[list[str]]:
+    """Merge sub-layer stages into one stage per transformer block (``encoder.layer.<i>``)."""
+    merged: dict[str, list[str]] = {}
+    for stage in stages:
+        parts = stage[0].split(".")
+        key = ".".join(parts[:3]) if parts[:2] == ["encoder", "layer"] else stage[0]
+        merged.setdefault(key, []).extend(stage)
+    return list(merged.values())
+
+
+def quantize_rtn(model: nn.Module, group_size: int) -> None:
+    with torch.no_grad():
+        for layer in linear_layers(model).values():
+            layer.weight.copy_(rtn_weight(layer.weight, group_size))
+
+
+def quantize_gptq(
+    model: nn.Module, calibration: list[dict], group_size: int, schedule: str, damp: float, block_size: int
+) -> tuple[float, list[str]]:
+    """Quantize every Linear with GPTQ; returns (seconds spent collecting Hessians, fallback notes)."""
+    layers = linear_layers(model)
+    stages = forward_stages(model, calibration[0], layers)
+    if schedule == "parallel":
+        stages = [[name for stage in stages for name in stage]]
+    elif schedule == "block":
+        stages = block_stages(stages)
+    notes = []
+    hessian_seconds = 0.0
+    for stage in stages:
+        start = time.perf_counter()
+        accs = gptq.accumulate_hessians(model, calibration, {name: layers[name] for name in stage})
+        hessian_seconds += time.perf_counter() - start
+        with torch.no_grad():
+            for name in stage:
+                w, note = gptq_weight(layers[name].weight, accs[name].hessian, group_size, damp, block_size)
+                layers[name].weight.copy_(w)
+                if note:
+                    notes.append(f"{name}: {note}")
+    return hessian_seconds, notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--groups", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--schedule", nargs="+", default=["sequential", "parallel"], choices=["sequential", "block", "parallel"])
+    parser.add_argument("--damp", type=float, nargs="+", default=[0.01])
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--calibration-batch-size", type=int, default=8,
+                        help="sentences per calibration batch (1: no padding rows in the Hessians)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    float_model, tokenizer = load_model("bundled:minilm")
+    calibration = text_batches(bundled_texts(), tokenizer, batch_size=args.calibration_batch_size)
+    rows = sum(int(b["attention_mask"].numel()) for b in calibration)
+    real = sum(int(b["attention_mask"].sum()) for b in calibration)
+    unseen = dict(tokenizer(UNSEEN_SENTENCES, padding=True, return_tensors="pt"))
+    reference = mean_pooled(float_model, unseen)
+    print(f"MiniLM: {len(linear_layers(float_model))} Linear layers; calibration {len(calibration)} batches, "
+          f"{rows} activation rows ({real} non-padding); held-out {len(UNSEEN_SENTENCES)} sentences; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print()
+    print("| format | method | schedule | damp | cosine | seconds | of which Hessian passes |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for group_size in args.groups:
+        model = copy.deepcopy(float_model)
+        start = time.perf_counter()
+        quantize_rtn(model, group_size)
+        seconds = time.perf_counter() - start
+        cosine = embedding_cosine(mean_pooled(model, unseen), reference)
+        print(f"| int4_g{group_size} | rtn | - | - | {cosine:.4f} | {seconds:.2f} | - |", flush=True)
+        for schedule in args.schedule:
+            for damp in args.damp:
+                model = copy.deepcopy(float_model)
+                start = time.perf_counter()
+                hessian_seconds, notes = quantize_gptq(model, calibration, group_size, schedule, damp, args.block_size)
+                seconds = time.perf_counter() - start
+                cosine = embedding_cosine(mean_pooled(model, unseen), reference)
+                print(f"| int4_g{group_size} | gptq | {schedule} | {damp:g} | {cosine:.4f} | {seconds:.2f} | {hessian_seconds:.2f} |",
+                      flush=True)
+                for note in notes:
+                    print(f"  fell back to RTN: {note}")
+
+
+if __name__ == "__main__":
+    main()
