@@ -1,4 +1,4 @@
-"""GPTQ vs round-to-nearest on the bundled MiniLM, every nn.Linear at one int4 format (fake quant).
+"""GPTQ vs round-to-nearest on the bundled MiniLM, every nn.Linear at one format (fake quant).
 
 Each layer's weight is replaced by its dequantized float weight (autoq's quantized modules are not
 used), then the held-out embedding cosine against the float model is measured on
@@ -41,18 +41,34 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def rtn_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_group_size(fmt: str) -> int | None:
+    """``int4_g128`` -> 128; ``int8`` (symmetric per output channel) -> None."""
+    if fmt == "int8":
+        return None
+    if not fmt.startswith("int4_g"):
+        raise ValueError(f"unknown format {fmt!r}; use int4_g<G> or int8")
+    return int(fmt.removeprefix("int4_g"))
+
+
+def rtn_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    group_size = int4_group_size(fmt)
+    if group_size is None:
+        q, scale = P.quantize_int8_symmetric(w.float(), (1, w.shape[1]))
+        return P.dequantize_affine(q, (1, w.shape[1]), scale, None)
     q, scale, zero_point = P.quantize_int4_asymmetric(w.float(), group_size)
     return P.dequantize_affine(q, (1, group_size), scale, zero_point)
 
 
-def gptq_weight(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float, block_size: int) -> tuple[torch.Tensor, str]:
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, fmt: str, damp: float, block_size: int) -> tuple[torch.Tensor, str]:
+    group_size = int4_group_size(fmt)
+    if group_size is None:
+        group_size, fit, fake_quant = w.shape[1], gptq.fit_int8, gptq.fake_quant_int8
+    else:
+        fit, fake_quant = gptq.fit_int4, gptq.fake_quant_int4
     try:
-        result = gptq.gptq_quantize(
-            w.float(), h, group_size, gptq.fit_int4, gptq.fake_quant_int4, block_size=block_size, damp=damp
-        )
+        result = gptq.gptq_quantize(w.float(), h, group_size, fit, fake_quant, block_size=block_size, damp=damp)
     except gptq.DegenerateHessian as e:
-        return rtn_weight(w, group_size), e.reason
+        return rtn_weight(w, fmt), e.reason
     return result.weight, ""
 
 
@@ -90,14 +106,14 @@ def block_stages(stages: list[list[str]]) -> list[list[str]]:
     return list(merged.values())
 
 
-def quantize_rtn(model: nn.Module, group_size: int) -> None:
+def quantize_rtn(model: nn.Module, fmt: str) -> None:
     with torch.no_grad():
         for layer in linear_layers(model).values():
-            layer.weight.copy_(rtn_weight(layer.weight, group_size))
+            layer.weight.copy_(rtn_weight(layer.weight, fmt))
 
 
 def quantize_gptq(
-    model: nn.Module, calibration: list[dict], group_size: int, schedule: str, damp: float, block_size: int
+    model: nn.Module, calibration: list[dict], fmt: str, schedule: str, damp: float, block_size: int
 ) -> tuple[float, list[str]]:
     """Quantize every Linear with GPTQ; returns (seconds spent collecting Hessians, fallback notes)."""
     layers = linear_layers(model)
@@ -114,7 +130,7 @@ def quantize_gptq(
         hessian_seconds += time.perf_counter() - start
         with torch.no_grad():
             for name in stage:
-                w, note = gptq_weight(layers[name].weight, accs[name].hessian, group_size, damp, block_size)
+                w, note = gptq_weight(layers[name].weight, accs[name].hessian, fmt, damp, block_size)
                 layers[name].weight.copy_(w)
                 if note:
                     notes.append(f"{name}: {note}")
@@ -123,7 +139,7 @@ def quantize_gptq(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--groups", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--formats", nargs="+", default=["int4_g128", "int4_g32"], help="int4_g<G> and/or int8")
     parser.add_argument("--schedule", nargs="+", default=["sequential", "parallel"], choices=["sequential", "block", "parallel"])
     parser.add_argument("--damp", type=float, nargs="+", default=[0.01])
     parser.add_argument("--block-size", type=int, default=128)
@@ -146,21 +162,21 @@ def main() -> None:
     print()
     print("| format | method | schedule | damp | cosine | seconds | of which Hessian passes |")
     print("|---|---|---|---|---:|---:|---:|")
-    for group_size in args.groups:
+    for fmt in args.formats:
         model = copy.deepcopy(float_model)
         start = time.perf_counter()
-        quantize_rtn(model, group_size)
+        quantize_rtn(model, fmt)
         seconds = time.perf_counter() - start
         cosine = embedding_cosine(mean_pooled(model, unseen), reference)
-        print(f"| int4_g{group_size} | rtn | - | - | {cosine:.4f} | {seconds:.2f} | - |", flush=True)
+        print(f"| {fmt} | rtn | - | - | {cosine:.4f} | {seconds:.2f} | - |", flush=True)
         for schedule in args.schedule:
             for damp in args.damp:
                 model = copy.deepcopy(float_model)
                 start = time.perf_counter()
-                hessian_seconds, notes = quantize_gptq(model, calibration, group_size, schedule, damp, args.block_size)
+                hessian_seconds, notes = quantize_gptq(model, calibration, fmt, schedule, damp, args.block_size)
                 seconds = time.perf_counter() - start
                 cosine = embedding_cosine(mean_pooled(model, unseen), reference)
-                print(f"| int4_g{group_size} | gptq | {schedule} | {damp:g} | {cosine:.4f} | {seconds:.2f} | {hessian_seconds:.2f} |",
+                print(f"| {fmt} | gptq | {schedule} | {damp:g} | {cosine:.4f} | {seconds:.2f} | {hessian_seconds:.2f} |",
                       flush=True)
                 for note in notes:
                     print(f"  fell back to RTN: {note}")

@@ -153,6 +153,14 @@ def test_identity_hessian_is_round_to_nearest_int4(group_size):
     torch.testing.assert_close(run_int4(w, torch.eye(K), group_size).weight, rtn_int4(w, group_size), rtol=0, atol=0)
 
 
+def test_identity_hessian_is_round_to_nearest_without_clip_search():
+    w = random_weight()
+    q, scale, zero_point = P.quantize_int4_asymmetric(w, 32, clip_search=False)
+    rtn = P.dequantize_affine(q, (1, 32), scale, zero_point)
+    ours = gptq.gptq_quantize(w, torch.eye(K), 32, lambda g: gptq.fit_int4(g, clip_search=False), gptq.fake_quant_int4)
+    torch.testing.assert_close(ours.weight, rtn, rtol=0, atol=0)
+
+
 def test_identity_hessian_is_round_to_nearest_int8():
     w = random_weight()
     torch.testing.assert_close(run_int8(w, torch.eye(K)).weight, rtn_int8(w), rtol=0, atol=0)
