@@ -186,14 +186,33 @@ def _int4_dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K,
              mask=mask)
 
 
+DEQUANT_BLOCKS = dict(BLOCK_K=64, BLOCK_N=64)
+
+
 def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight, transposed: ``W^T`` as ``[K, N]`` in ``dtype`` (one pass)."""
     k, n = w.in_features, w.out_features
     out = torch.empty((k, n), dtype=dtype, device=w.qweight.device)
-    grid = (triton.cdiv(k, 64), triton.cdiv(n, 64))
+    grid = (triton.cdiv(k, DEQUANT_BLOCKS["BLOCK_K"]), triton.cdiv(n, DEQUANT_BLOCKS["BLOCK_N"]))
     _int4_dequantize_kernel[grid](w.qweight, w.scale, w.zero_point, out, n, k,
-                                  GROUP_SIZE=w.group_size, BLOCK_K=64, BLOCK_N=64)
+                                  GROUP_SIZE=w.group_size, **DEQUANT_BLOCKS)
     return out
+
+
+def gemv_constexprs(config: KernelConfig, group_size: int, has_bias: bool) -> dict:
+    """The GEMV kernel's compile-time arguments for ``config`` (shared with ``aot.py``)."""
+    return dict(GROUP_SIZE=group_size, HAS_BIAS=has_bias, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, SPLIT_K=config.split_k)
+
+
+def mm_constexprs(config: KernelConfig, group_size: int, has_bias: bool,
+                  dtype: torch.dtype) -> dict:
+    """The GEMM kernel's compile-time arguments for ``config`` (shared with ``aot.py``)."""
+    dot_f32 = dot_in_fp32(dtype)
+    return dict(GROUP_SIZE=group_size, HAS_BIAS=has_bias, DOT_F32=dot_f32,
+                DOT_PRECISION="ieee" if dot_f32 else "tf32", BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                SPLIT_K=config.split_k)
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
@@ -210,23 +229,16 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
         grid = (triton.cdiv(n, config.block_n), config.split_k, m)
         _int4_gemv_kernel[grid](
             x, w.qweight, w.scale, w.zero_point, bias_arg, y, n, k, x.stride(0), y.stride(0),
-            stride_b,
-            GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None,
-            BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+            stride_b, **gemv_constexprs(config, w.group_size, bias is not None),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     elif config.kernel == "mm":
         if w.group_size % config.block_k != 0:
             raise ValueError(f"block_k={config.block_k} must divide the group size {w.group_size}")
-        dot_f32 = dot_in_fp32(x.dtype)
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
         _int4_mm_kernel[grid](
             x, w.qweight, w.scale, w.zero_point, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
-            stride_b,
-            GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None,
-            DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            GROUP_M=config.group_m, SPLIT_K=config.split_k,
+            stride_b, **mm_constexprs(config, w.group_size, bias is not None, x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:

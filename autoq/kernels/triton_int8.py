@@ -103,13 +103,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K:
     tl.store(s_ptr + row, scale)
 
 
+QUANTIZE_BLOCK_K = 4096  # the CUDA block of quantize_per_token (8 warps)
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 ``[M, K]`` and fp32 scales ``[M]`` of a 2-D activation (one kernel launch)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_k = min(triton.next_power_of_2(k), 64 if interpreting() else 4096)
+    block_k = min(triton.next_power_of_2(k), 64 if interpreting() else QUANTIZE_BLOCK_K)
     num_warps = 8 if block_k >= 2048 else 4
     _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block_k,
                                 num_warps=num_warps)
@@ -157,6 +160,12 @@ def _int8_dynamic_mm_kernel(
                  m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
 
+def dynamic_mm_constexprs(config: KernelConfig, has_bias: bool) -> dict:
+    """The int8_dynamic GEMM's compile-time arguments for ``config`` (shared with ``aot.py``)."""
+    return dict(HAS_BIAS=has_bias, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=config.split_k)
+
+
 def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None,
                         config: KernelConfig) -> torch.Tensor:
     """``y = (quant(x) @ qweight.T) * x_scale * w_scale + bias`` in ``x.dtype``."""
@@ -171,8 +180,7 @@ def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | Non
         xq, xs, w.qweight, w.scale, bias if bias is not None else y, y,
         m, n, k, xq.stride(0), w.qweight.stride(0), y.stride(0),
         0 if bias is None else bias.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=config.split_k,
+        **dynamic_mm_constexprs(config, bias is not None),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y.to(x.dtype)
@@ -265,14 +273,31 @@ def _int8_dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_on,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+DEQUANT_BLOCKS = dict(BLOCK_N=32, BLOCK_K=128)
+
+
 def dequantize_int8(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
     """``qweight * scale`` as ``[N, K]`` in ``dtype`` (one pass)."""
     n, k = w.qweight.shape
     out = torch.empty((n, k), dtype=dtype, device=w.qweight.device)
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, 128))
+    grid = (triton.cdiv(n, DEQUANT_BLOCKS["BLOCK_N"]), triton.cdiv(k, DEQUANT_BLOCKS["BLOCK_K"]))
     _int8_dequantize_kernel[grid](w.qweight, w.scale, out, n, k, w.qweight.stride(0),
-                                  out.stride(0), BLOCK_N=32, BLOCK_K=128)
+                                  out.stride(0), **DEQUANT_BLOCKS)
     return out
+
+
+def gemv_constexprs(config: KernelConfig, has_bias: bool) -> dict:
+    """The GEMV kernel's compile-time arguments for ``config`` (shared with ``aot.py``)."""
+    return dict(HAS_BIAS=has_bias, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                SPLIT_K=config.split_k)
+
+
+def weight_only_mm_constexprs(config: KernelConfig, has_bias: bool, dtype: torch.dtype) -> dict:
+    """The weight-only GEMM's compile-time arguments for ``config`` (shared with ``aot.py``)."""
+    dot_f32 = dot_in_fp32(dtype)
+    return dict(HAS_BIAS=has_bias, DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                GROUP_M=config.group_m, SPLIT_K=config.split_k)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None,
@@ -288,19 +313,15 @@ def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor |
         grid = (triton.cdiv(n, config.block_n), config.split_k, m)
         _int8_gemv_kernel[grid](
             x, w.qweight, w.scale, bias_arg, y, n, k, x.stride(0), w.qweight.stride(0), y.stride(0),
-            stride_b,
-            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            stride_b, **gemv_constexprs(config, bias is not None),
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
     elif config.kernel == "mm":
-        dot_f32 = dot_in_fp32(x.dtype)
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
         _int8_weight_only_mm_kernel[grid](
             x, w.qweight, w.scale, bias_arg, y, m, n, k,
             x.stride(0), w.qweight.stride(0), y.stride(0), stride_b,
-            HAS_BIAS=bias is not None, DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            GROUP_M=config.group_m, SPLIT_K=config.split_k,
+            **weight_only_mm_constexprs(config, bias is not None, x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
