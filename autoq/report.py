@@ -32,14 +32,16 @@ FORMAT_COLOURS: dict[str, str] = {
     "int4_g32": "#b45f06",
     "int4_g64": "#e69138",
     "int4_g128": "#f6c26b",
-    "int4_sym_g32": "#38761d",
+    "fp8_e4m3_dynamic": "#674ea7",
+    "fp8_e4m3_weight_only": "#b4a7d6",
+    "int4_sym_g32": "#38761d",  # the symmetric int4 names issue 13 proposes
     "int4_sym_g64": "#6aa84f",
     "int4_sym_g128": "#b6d7a8",
 }
-FALLBACK_COLOURS = ("#a64d79", "#674ea7", "#45818e", "#cc0000", "#3d85c6", "#bf9000")
+FALLBACK_COLOURS = ("#a64d79", "#45818e", "#cc0000", "#bf9000", "#4c1130", "#134f5c")
 # Sequential scale for log sensitivity, low to high (viridis stops).
 HEAT_STOPS = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725")
-ZERO_CELL = "#ffffff"
+ZERO_CELL = "#f7f7f7"
 MISSING_CELL = "#e0e0e0"
 
 BUDGET_POINTS = 16  # budgets sampled for the budget curve (each one integer program solve)
@@ -47,7 +49,6 @@ CURVE_SECONDS = 5.0  # no new budget-curve solve (past the two ends) starts afte
 MAX_BITS = 16.0
 WIDTH = 1240  # px, every chart
 FONT = 12
-HALO = ' stroke="#fff" stroke-width="3" paint-order="stroke"'  # keeps a label readable over bars
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px auto;
@@ -203,8 +204,8 @@ def depth_axis(names: list[str], x0: float, slot: float, top: float, bottom: flo
         left, width = x0 + band.start * slot, (band.stop - band.start) * slot
         if k % 2 == 0:
             parts.append(rect(left, top, width, bottom - top, "#f3f3f3"))
-        centre = left + width / 2
         half = len(band.label) * FONT * 0.3
+        centre = min(left + width / 2, WIDTH - half - 2)  # the last label stays inside the chart
         if centre - half > last_end + 6:
             parts.append(text(centre, bottom + 15, band.label, "middle", 11, ' fill="#444"'))
             last_end = centre + half
@@ -221,7 +222,7 @@ PLOT_RIGHT = 16
 def chart_bits(plan: Plan, colours: dict[str, str]) -> str:
     """Bars: storage bits of each layer's chosen format, in model order, coloured by format."""
     names = list(plan.layers)
-    top, plot_h = 12, 220
+    top, plot_h = 26, 220
     bottom = top + plot_h
     slot = (WIDTH - PLOT_LEFT - PLOT_RIGHT) / len(names)
     gap = 0.15 * slot if slot >= 4 else 0.0
@@ -238,8 +239,10 @@ def chart_bits(plan: Plan, colours: dict[str, str]) -> str:
                           f"{name}: {layer.format}, {bits:.3f} bits"))
     y = bottom - plan.totals.effective_bits / MAX_BITS * plot_h
     parts.append(line(PLOT_LEFT, y, WIDTH - PLOT_RIGHT, y, "#c00", ' stroke-dasharray="6 4" stroke-width="1.5"'))
-    parts.append(text(WIDTH - PLOT_RIGHT - 4, y - 5, f"effective {plan.totals.effective_bits:.3f} bits", "end",
-                      11, HALO + ' fill="#c00" font-weight="600"'))
+    parts.append(line(WIDTH - PLOT_RIGHT - 180, top - 12, WIDTH - PLOT_RIGHT - 150, top - 12, "#c00",
+                      ' stroke-dasharray="6 4" stroke-width="1.5"'))
+    parts.append(text(WIDTH - PLOT_RIGHT - 144, top - 8, f"effective {plan.totals.effective_bits:.3f} bits", "start",
+                      11, ' fill="#c00" font-weight="600"'))
     parts.append(line(PLOT_LEFT, bottom, WIDTH - PLOT_RIGHT, bottom, "#333"))
     parts.append(text(16, top + plot_h / 2, "bits / weight", "middle", 12,
                       f' transform="rotate(-90 16 {top + plot_h / 2:.1f})"'))
@@ -261,11 +264,14 @@ def chart_sensitivity(plan: Plan) -> str:
     label_w = min(330, 14 + 6.6 * max(len(n) for n in names))
     row_h = max(3.0, min(16.0, 1400 / len(names)))
     col_w = min(120.0, (WIDTH - label_w - 190) / len(fmts))
-    top = 34
+    stagger = any(len(fmt) * 6.5 > col_w - 6 for fmt in fmts)  # long names: two rows of headers
+    top = 48 if stagger else 34
     height = top + row_h * len(names) + 12
-    parts = [svg_open("chart-sensitivity", WIDTH, max(height, 230), "layer by format heatmap of log sensitivity")]
+    scale_bottom = top + 240  # the colour bar and its keys (see _heat_scale)
+    parts = [svg_open("chart-sensitivity", WIDTH, max(height, scale_bottom), "layer by format heatmap of log sensitivity")]
     for j, fmt in enumerate(fmts):
-        parts.append(text(label_w + (j + 0.5) * col_w, top - 10, fmt, "middle", 11))
+        y = top - 24 if stagger and j % 2 else top - 8
+        parts.append(text(label_w + (j + 0.5) * col_w, y, fmt, "middle", 11))
     label_every = max(1, math.ceil(11 / row_h))
     for i, (name, layer) in enumerate(plan.layers.items()):
         y = top + i * row_h
@@ -282,17 +288,23 @@ def chart_sensitivity(plan: Plan) -> str:
 
 def _heat_cell(name: str, score: float | None, dropped: str | None, fmt: str, x: float, y: float,
                w: float, h: float, lo: float, span: float, chosen: bool) -> str:
-    outline = ' stroke="#000" stroke-width="2"' if chosen else ' stroke="#fff" stroke-width="0.5"'
+    """One cell; on thin rows (many layers) the chosen format is a black tick at the cell's left
+    instead of an outline, which would hide the colours."""
+    thin = h < 8
+    outline = "" if thin else ' stroke="#000" stroke-width="2"' if chosen else ' stroke="#fff" stroke-width="0.5"'
+    tick = rect(x, y, 4, h, "#000") if chosen and thin else ""
     if score is None:
         reason = dropped or "not a candidate for this layer"
         cell = rect(x, y, w, h, MISSING_CELL, f"{name} / {fmt}: dropped: {reason}", outline)
-        return cell + line(x + 3, y + 2, x + w - 3, y + h - 2, "#888") + line(x + 3, y + h - 2, x + w - 3, y + 2, "#888")
+        if not thin:
+            cell += line(x + 3, y + 2, x + w - 3, y + h - 2, "#888") + line(x + 3, y + h - 2, x + w - 3, y + 2, "#888")
+        return cell + tick
     title = f"{name} / {fmt}: sensitivity {score:.4g}" + (" (chosen)" if chosen else "")
     if score <= 0:
         cell = rect(x, y, w, h, ZERO_CELL, title, outline)
-        return cell + (text(x + w / 2, y + h / 2 + 4, "0", "middle", 10, ' fill="#666"') if h >= 11 else "")
+        return cell + tick + (text(x + w / 2, y + h / 2 + 4, "0", "middle", 10, ' fill="#666"') if h >= 11 else "")
     t = (math.log10(score) - lo) / span
-    cell = rect(x, y, w, h, heat_colour(t), title, outline)
+    cell = rect(x, y, w, h, heat_colour(t), title, outline) + tick
     if h >= 11:
         ink = "#000" if t > 0.6 else "#fff"
         cell += text(x + w / 2, y + h / 2 + 4, number(score), "middle", 10, f' fill="{ink}"')
@@ -327,7 +339,7 @@ def chart_latency(plan: Plan, colours: dict[str, str]) -> str:
     base = [layer.latency.get("none", 0.0) * 1e6 for layer in plan.layers.values()]
     top, plot_h = 12, 220
     bottom = top + plot_h
-    ticks = nice_ticks(0.0, max(chosen + base + [1e-9]))
+    ticks = nice_ticks(0.0, 1.05 * max(chosen + base + [1e-9]))  # headroom: no tick on the top line
     y_max = ticks[-1] if ticks[-1] > 0 else 1.0
     slot = (WIDTH - PLOT_LEFT - PLOT_RIGHT) / len(names)
     gap = 0.2 * slot if slot >= 4 else 0.0
@@ -596,7 +608,8 @@ def render_report(plan: Plan, budget_points: int = BUDGET_POINTS, curve_seconds:
                 "shaded bands are blocks; the dashed line is the plan's effective bits.",
                 legend(colours, used) + chart_bits(plan, colours)),
         section("Sensitivity", "log10 of each layer's sensitivity per candidate format (first-order output damage "
-                "of quantizing that layer alone); the chosen format is outlined.", chart_sensitivity(plan)),
+                "of quantizing that layer alone); the chosen format is outlined (a black tick where rows are thin); "
+                "hover a cell for its value or the reason it was dropped.", chart_sensitivity(plan)),
         section("Predicted latency per layer", "Seconds per calibration batch as measured by the benchmark, for "
                 "the chosen format and unquantized.", legend(colours, used) + chart_latency(plan, colours)),
         section("Budget curve", budget_caption(plan, curve),
