@@ -26,7 +26,8 @@ Ready-made pairs: :func:`fit_int4` / :func:`fake_quant_int4` (autoq's int4 group
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,6 +254,61 @@ def _block_bounds(columns: int, group_size: int, block_size: int) -> list[tuple[
     return bounds
 
 
+def _check_shapes(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, group_size: int, block_size: int) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    k = weight.shape[1]
+    h_shape = tuple((hessian.upper if isinstance(hessian, PreparedHessian) else hessian).shape)
+    if h_shape != (k, k):
+        raise ValueError(f"Hessian shape {h_shape} does not match in_features={k}")
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"group size {group_size} does not divide in_features={k}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+
+def _gptq_core(
+    w: torch.Tensor, upper: torch.Tensor, group_size: int, fit: Fit, fake_quant: FakeQuant, block_size: int
+) -> tuple[torch.Tensor, list[Any], torch.Tensor]:
+    """GPTQ on ``L`` layers at once: ``w [L, N, K]`` fp32 (updated in place), ``upper [L, K, K]``.
+
+    ``fit`` and ``fake_quant`` see the ``L · N`` rows stacked as one ``[L · N, c]`` matrix.
+    Returns ``(q [L, N, K], params per group over the stacked rows, loss [L] in units of the
+    normalised H)``.
+    """
+    n_layers, n, k = w.shape
+    q = torch.empty_like(w)
+    params: list[Any] = [None] * (k // group_size)
+    loss = torch.zeros(n_layers, dtype=torch.float32, device=w.device)
+
+    for b0, b1 in _block_bounds(k, group_size, block_size):
+        w_block = w[:, :, b0:b1].clone()
+        q_block = torch.empty_like(w_block)
+        u_block = upper[:, b0:b1, b0:b1]
+        u_diag = torch.diagonal(u_block, dim1=1, dim2=2)  # [L, bs]
+        u_rows = u_block / u_diag[:, :, None]  # row i of U divided by U_ii
+        for i in range(b1 - b0):
+            col = b0 + i
+            group, offset = divmod(col, group_size)
+            if offset == 0:
+                g_end = col + group_size
+                # Inside the block the updated values live in w_block; a group reaching past
+                # the block starts at the block start, where w is fully updated.
+                source = w_block[:, :, i:i + group_size] if g_end <= b1 else w[:, :, col:g_end]
+                params[group] = fit(source.reshape(n_layers * n, group_size))
+            column = w_block[:, :, i:i + 1]
+            column_q = fake_quant(column.reshape(n_layers * n, 1), params[group], offset).reshape(n_layers, n, 1)
+            q_block[:, :, i:i + 1] = column_q
+            # Error feedback: w_j -= (w_i - q_i) · U_ij / U_ii for the later columns j > i.
+            # Column i itself is final from here on; it is kept to compute the block error.
+            w_block[:, :, i + 1:].baddbmm_(column - column_q, u_rows[:, i:i + 1, i + 1:], alpha=-1.0)
+        err_block = (w_block - q_block) / u_diag[:, None, :]
+        q[:, :, b0:b1] = q_block
+        w[:, :, b1:].baddbmm_(err_block, upper[:, b0:b1, b1:], alpha=-1.0)
+        loss += err_block.pow(2).sum(dim=(1, 2)) / 2
+    return q, params, loss
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor | PreparedHessian,
@@ -281,52 +337,62 @@ def gptq_quantize(
     Raises :class:`DegenerateHessian` (see :func:`prepare_hessian`) and ``ValueError`` for
     inconsistent shapes.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    h_shape = tuple((hessian.upper if isinstance(hessian, PreparedHessian) else hessian).shape)
-    if h_shape != (k, k):
-        raise ValueError(f"Hessian shape {h_shape} does not match in_features={k}")
-    if group_size <= 0 or k % group_size != 0:
-        raise ValueError(f"group size {group_size} does not divide in_features={k}")
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    _check_shapes(weight, hessian, group_size, block_size)
     if not isinstance(hessian, PreparedHessian):
         hessian = prepare_hessian(hessian, damp, weight.device)
-    upper = hessian.upper.to(weight.device)
+    w = weight.detach().to(torch.float32).clone().unsqueeze(0)
+    upper = hessian.upper.to(weight.device).unsqueeze(0)
+    q, params, loss = _gptq_core(w, upper, group_size, fit, fake_quant, block_size)
+    return GPTQResult(q[0], params, group_size, hessian.damp, float(loss[0]) * hessian.scale)
 
-    w = weight.detach().to(torch.float32).clone()
-    q = torch.empty_like(w)
-    params: list[Any] = [None] * (k // group_size)
-    loss = 0.0
 
-    for b0, b1 in _block_bounds(k, group_size, block_size):
-        w_block = w[:, b0:b1].clone()
-        q_block = torch.empty_like(w_block)
-        u_block = upper[b0:b1, b0:b1]
-        u_diag = torch.diagonal(u_block)
-        u_rows = u_block / u_diag[:, None]  # row i of U divided by U_ii
-        for i in range(b1 - b0):
-            col = b0 + i
-            group, offset = divmod(col, group_size)
-            if offset == 0:
-                g_end = col + group_size
-                # Inside the block the updated values live in w_block; a group reaching past
-                # the block starts at the block start, where w is fully updated.
-                source = w_block[:, i:i + group_size] if g_end <= b1 else w[:, col:g_end]
-                params[group] = fit(source)
-            column = w_block[:, i:i + 1]
-            column_q = fake_quant(column, params[group], offset)
-            q_block[:, i:i + 1] = column_q
-            # Error feedback: w_j -= (w_i - q_i) · U_ij / U_ii for the later columns j > i.
-            # Column i itself is final from here on; it is kept to compute the block error.
-            w_block[:, i + 1:].addmm_(column - column_q, u_rows[i:i + 1, i + 1:], alpha=-1.0)
-        err_block = (w_block - q_block) / u_diag
-        q[:, b0:b1] = q_block
-        w[:, b1:].addmm_(err_block, upper[b0:b1, b1:], alpha=-1.0)
-        loss += float(err_block.pow(2).sum()) / 2
+def _split_rows(params: Any, n_layers: int, rows: int) -> list[Any]:
+    """Split params fitted on ``n_layers`` stacked weights back into one per layer."""
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(
+            f"gptq_quantize_many needs params that are dataclasses of per-row tensors (like "
+            f"Int4GroupParams), got {type(params).__name__}"
+        )
+    chunks = {f.name: getattr(params, f.name).split(rows) for f in dataclasses.fields(params)}
+    return [type(params)(**{name: parts[i] for name, parts in chunks.items()}) for i in range(n_layers)]
 
-    return GPTQResult(q, params, group_size, hessian.damp, loss * hessian.scale)
+
+def gptq_quantize_many(
+    weights: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor | PreparedHessian],
+    group_size: int,
+    fit: Fit,
+    fake_quant: FakeQuant,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> list[GPTQResult]:
+    """:func:`gptq_quantize` for several layers of one shape (each with its own Hessian) in a
+    single column loop, batched over the layers: the same results up to floating-point
+    rounding, several times faster when the layers are small (the loop runs once instead of
+    once per layer). ``fit`` must return a dataclass of tensors with one row per weight row
+    (like :class:`Int4GroupParams`), so the params can be split per layer.
+
+    Prepare the Hessians first (:func:`prepare_hessian`) to handle a :class:`DegenerateHessian`
+    per layer; a raw degenerate one raises for the whole call.
+    """
+    if len(weights) != len(hessians) or not weights:
+        raise ValueError(f"need one Hessian per weight, got {len(weights)} weights and {len(hessians)} Hessians")
+    shape = tuple(weights[0].shape)
+    for weight, hessian in zip(weights, hessians, strict=True):
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"all weights must have one shape; got {shape} and {tuple(weight.shape)}")
+        _check_shapes(weight, hessian, group_size, block_size)
+    device = weights[0].device
+    prepared = [h if isinstance(h, PreparedHessian) else prepare_hessian(h, damp, device) for h in hessians]
+    w = torch.stack([weight.detach().to(device, torch.float32) for weight in weights])
+    upper = torch.stack([h.upper.to(device) for h in prepared])
+    q, params, loss = _gptq_core(w, upper, group_size, fit, fake_quant, block_size)
+    per_layer = [_split_rows(p, len(weights), shape[0]) for p in params]
+    return [
+        GPTQResult(q[i], [p[i] for p in per_layer], group_size, h.damp, float(loss[i]) * h.scale)
+        for i, h in enumerate(prepared)
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,15 @@ def run_int8(w, h, **kwargs) -> gptq.GPTQResult:
     return gptq.gptq_quantize(w, h, w.shape[1], gptq.fit_int8, gptq.fake_quant_int8, **kwargs)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # GPTQ's column loop is many small ops; on a shared 2-core machine extra threads only spin.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hessian() -> torch.Tensor:
     x = correlated_inputs()
@@ -192,6 +201,26 @@ def test_dead_columns_are_rounded_to_nearest_and_pass_no_error(hessian):
     result = run_int8(w, h)
     assert torch.isfinite(result.weight).all()
     torch.testing.assert_close(result.weight[:, dead], rtn_int8(w)[:, dead], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size", [32, K])
+def test_many_layers_at_once_match_one_at_a_time(group_size):
+    fit, fake_quant = (gptq.fit_int4, gptq.fake_quant_int4) if group_size < K else (gptq.fit_int8, gptq.fake_quant_int8)
+    weights = [random_weight(seed) for seed in range(3)]
+    hessians = []
+    for seed in range(3):
+        x = correlated_inputs(rows=512, seed=10 + seed)
+        hessians.append(gptq.prepare_hessian(2.0 / 512 * x.T @ x))
+    together = gptq.gptq_quantize_many(weights, hessians, group_size, fit, fake_quant)
+    for w, h, result in zip(weights, hessians, together, strict=True):
+        alone = gptq.gptq_quantize(w, h, group_size, fit, fake_quant)
+        # Batched matmuls may round differently, which can flip a rare tie; compare the error.
+        h_full = torch.linalg.inv(h.upper.T @ h.upper)  # the damped, normalised H
+        assert output_error(w, result.weight, h_full) == pytest.approx(output_error(w, alone.weight, h_full), rel=0.01)
+        assert result.loss == pytest.approx(alone.loss, rel=0.01)
+        assert len(result.params) == K // group_size and result.params[0].scale.shape == (N, 1)
+        encoded = gptq.encode_int4(result.weight, result.params) if group_size < K else gptq.encode_int8(result.weight, result.params)
+        assert encoded[0].shape == (N, K)
 
 
 # ---- codes ------------------------------------------------------------------------------------
