@@ -158,6 +158,11 @@ def number(value: float) -> str:
     return f"{value:.2g}"
 
 
+def shorten(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` characters, keeping its end (the most specific part)."""
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
 def legend(colours: dict[str, str], used: list[str]) -> str:
     items = "".join(f'<span><span class="swatch" style="background:{colours[f]}"></span>{e(f)}</span>'
                     for f in used)
@@ -262,6 +267,7 @@ def chart_sensitivity(plan: Plan) -> str:
     hi = math.log10(max(positive)) if positive else 1.0
     span = hi - lo if hi > lo else 1.0
     label_w = min(330, 14 + 6.6 * max(len(n) for n in names))
+    max_chars = int((label_w - 10) / 6.3)
     row_h = max(3.0, min(16.0, 1400 / len(names)))
     col_w = min(120.0, (WIDTH - label_w - 190) / len(fmts))
     stagger = any(len(fmt) * 6.5 > col_w - 6 for fmt in fmts)  # long names: two rows of headers
@@ -276,7 +282,8 @@ def chart_sensitivity(plan: Plan) -> str:
     for i, (name, layer) in enumerate(plan.layers.items()):
         y = top + i * row_h
         if i % label_every == 0:
-            parts.append(text(label_w - 6, y + row_h / 2 + 4, name, "end", 11 if row_h >= 12 else 9))
+            parts.append(text(label_w - 6, y + row_h / 2 + 4, shorten(name, max_chars), "end",
+                              11 if row_h >= 12 else 9))
         for j, fmt in enumerate(fmts):
             x = label_w + j * col_w
             parts.append(_heat_cell(name, layer.sensitivity.get(fmt), layer.dropped.get(fmt), fmt,

@@ -179,6 +179,29 @@ def test_budget_curve_stops_solving_when_time_is_up(plan):
     assert "coarser than asked" in render_report(plan, curve_seconds=0.0)
 
 
+def test_a_plan_with_hundreds_of_layers_renders_quickly(plan):
+    """504 layers: thin heatmap rows (the chosen format a tick, not an outline), every name still
+    on the page (the layer table); the curve limited to its two ends so only drawing is timed."""
+    import time
+
+    stats = plan.stats()
+    layers = {}
+    for block in range(42):
+        for name, layer in stats.layers.items():
+            layers[name.replace("layers.", f"layers.{block}.", 1)] = layer
+    stats = stats.model_copy(update={"layers": layers})
+    groups = solve.group_layers(stats.layers)
+    big = build_plan(stats, solve.solve(stats.costs(), 6.0, "accuracy", groups), budget=6.0,
+                     objective="accuracy", group_rules=list(solve.DEFAULT_GROUP_RULES), groups=groups)
+    start = time.perf_counter()
+    page = render_report(big, curve_seconds=0.0)
+    assert time.perf_counter() - start < 10
+    checker = parse(page)
+    assert checker.problems == [] and sorted(checker.svg_ids) == sorted(CHARTS)
+    text = "".join(checker.text)
+    assert all(name in text for name in big.layers)
+
+
 def test_cli_writes_the_report(plan_file, tmp_path):
     out = tmp_path / "sub" / "report.html"
     result = runner.invoke(app, ["plan", "report", str(plan_file), "--out", str(out)])
