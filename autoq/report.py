@@ -411,7 +411,8 @@ def budget_curve(plan: Plan, points: int = BUDGET_POINTS, seconds: float = CURVE
         lowest = err.smallest
         solved = {lowest: resolve(plan, effective_bits=lowest)}
     count = max(points, 2)
-    budgets = [lowest + (MAX_BITS - lowest) * k / (count - 1) for k in range(count - 1)] + [MAX_BITS]
+    highest = max(MAX_BITS, lowest)  # a plan that can only stay unquantized needs a hair over 16
+    budgets = [lowest + (highest - lowest) * k / (count - 1) for k in range(count - 1)] + [highest]
     for n, k in enumerate(coarse_to_fine(count)):
         if budgets[k] in solved:
             continue
@@ -463,7 +464,7 @@ def chart_budget(plan: Plan, curve: BudgetCurve) -> str:
 
 def _budget_panel(x0: float, y0: float, w: float, h: float, curve: BudgetCurve, values: list[float],
                   plan_point: tuple[float, float], title: str, log: bool, reference: float | None) -> str:
-    lo_x, hi_x = math.floor(curve.smallest), MAX_BITS
+    lo_x, hi_x = min(math.floor(curve.smallest), MAX_BITS - 1), MAX_BITS
     everything = values + [plan_point[1]] + ([reference] if reference is not None else [])
     if log:
         lo_y = math.floor(math.log10(min(everything)))

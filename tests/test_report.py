@@ -202,6 +202,24 @@ def test_a_plan_with_hundreds_of_layers_renders_quickly(plan):
     assert all(name in text for name in big.layers)
 
 
+def test_a_plan_that_quantizes_nothing_still_renders(plan):
+    """Every format dropped everywhere: one budget (16 bits), nothing to plot but the page is whole."""
+    stats = plan.stats()
+    layers = {name: layer.model_copy(update={
+        "bits": {"none": 16.0}, "latency": {"none": layer.latency["none"]}, "sensitivity": {"none": 0.0},
+        "dropped": {fmt: "no kernel on this machine" for fmt in BITS if fmt != "none"}})
+        for name, layer in stats.layers.items()}
+    stats = stats.model_copy(update={"layers": layers})
+    groups = solve.group_layers(stats.layers)
+    # 16.001: the solver's safety margin makes exactly 16 bits infeasible when 16 is the only choice
+    none = build_plan(stats, solve.solve(stats.costs(), 16.001, "balanced", groups), budget=16.001,
+                      objective="balanced", group_rules=list(solve.DEFAULT_GROUP_RULES), groups=groups)
+    assert len(budget_curve(none).points) == 1
+    checker = parse(render_report(none))
+    assert checker.problems == [] and sorted(checker.svg_ids) == sorted(CHARTS)
+    assert "no kernel on this machine" in "".join(checker.text)
+
+
 def test_cli_writes_the_report(plan_file, tmp_path):
     out = tmp_path / "sub" / "report.html"
     result = runner.invoke(app, ["plan", "report", str(plan_file), "--out", str(out)])
