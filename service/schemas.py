@@ -28,7 +28,7 @@ MODEL_SPEC = (r"^(" + "|".join(re.escape(name) for name in BUNDLED)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
@@ -84,6 +84,14 @@ class JobCreate(Strict):
         raise ValueError(f"unknown model {spec[:200]!r}: give an uploaded model id (mdl_...), a "
                          f"bundled model ({', '.join(BUNDLED)}) or an absolute directory under "
                          f"the server's model roots")
+
+    @field_validator("refine_trials", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        # JSON Schema counts 3.0 as an integer; strict mode still refuses true and "3".
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("formats", mode="before")
     @classmethod

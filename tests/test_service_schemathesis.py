@@ -1,73 +1,65 @@
-"""Property-based API testing: schemathesis generates requests from the live OpenAPI schema.
+"""The schemathesis CLI, every check and every phase (stateful included), against a live
+loopback server in both modes: tokens set, and open (no tokens). It must report no failure.
 
-Every operation gets valid (positive) and invalid (negative) generated requests; none may make
-the server answer 5xx, and every answer must match the schema. (The schemathesis pytest plugin does not run under this pytest, so the
-operations are driven through hypothesis directly.)
+Bounded: a few examples per operation, short stream reads, a subprocess timeout.
+
+One check is left out for one operation: positive_data_acceptance on ``POST /v1/models``. Its
+body is declared ``format: binary``, so any bytes are "schema-valid", but only a tar or zip
+holding a model is accepted; no JSON Schema can say which bytes those are, and the documented
+refusals (400 bad archive, 413 too large, 422 not a model) are the right answers. That operation
+gets its own run with every other check.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import Unsatisfiable
 from test_service_support import Server
 
-schemathesis = pytest.importorskip("schemathesis")
-from schemathesis.core.failures import FailureGroup  # noqa: E402
-from schemathesis.generation import GenerationMode  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
-
 pytestmark = pytest.mark.slow
-MAX_EXAMPLES = 20
-# Beyond "no 5xx": every status code, content type and JSON body is the documented one.
-CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
+EXAMPLES = 15
+TOKEN = "schemathesis-token"
+UPLOAD = "POST /v1/models"
+# The job stays queued (no workers), so its event stream stays open: read it briefly.
+CONFIG = """
+[[operations]]
+include-path = "/v1/jobs/{job_id}/events"
+request-timeout = 2
+"""
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
-    # No workers: generated jobs stay queued, so the run tests the API, not quantization.
-    server = Server(tmp_path_factory.mktemp("schemathesis") / "data", workers=0,
-                    max_upload_bytes=1_000_000)
+def schemathesis(server: Server, workdir: Path, mode: str, *selection: str) -> tuple[int, str]:
+    config = workdir / "schemathesis.toml"
+    config.write_text(CONFIG)
+    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config),
+               "--no-color", "run", f"{server.url}/openapi.json", "--checks", "all",
+               "--max-examples", str(EXAMPLES), "--seed", "1", "--request-timeout", "10",
+               "--phases", "examples,coverage,fuzzing,stateful", "--generation-database", "none",
+               *selection]
+    if mode == "tokens":
+        command += ["--header", f"Authorization: Bearer {TOKEN}"]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", ["open", "tokens"])
+def test_schemathesis_finds_nothing(tmp_path, mode):
+    settings: dict[str, object] = {"workers": 0, "max_upload_bytes": 1_000_000}
+    if mode == "tokens":
+        settings["tokens"] = TOKEN
+    server = Server(tmp_path / "data", **settings).start()
     try:
-        yield server.start()
+        runs = [schemathesis(server, tmp_path, mode, "--exclude-name", UPLOAD),
+                schemathesis(server, tmp_path, mode, "--include-name", UPLOAD,
+                             "--exclude-checks", "positive_data_acceptance")]
     finally:
         server.stop()
-
-
-def problems(operation, mode: GenerationMode, base_url: str) -> list[str]:
-    errors: list[str] = []
-
-    @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    def call(case) -> None:
-        response = case.call(base_url=base_url, timeout=30)
-        label = f"{case.method} {case.formatted_path} ({mode}) -> {response.status_code}"
-        if response.status_code >= 500:
-            errors.append(f"{label}: {response.text[:200]}")
-        try:
-            case.validate_response(response, checks=CONFORMANCE)
-        except FailureGroup as group:
-            errors.extend(f"{label}: {failure.title}" for failure in group.exceptions)
-
-    try:
-        call()
-    except Unsatisfiable:  # nothing about the operation can be invalid (no parameters)
-        assert mode == GenerationMode.NEGATIVE, operation.label
-    return errors
-
-
-def test_generated_requests_get_documented_answers_and_no_server_errors(live_server):
-    schema = schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 14
-    errors = [error for operation in operations
-              for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-              for error in problems(operation, mode, live_server.url)]
-    assert not errors, "\n".join(errors)
-    assert "Traceback" not in live_server.log()
+    for code, output in runs:
+        print(output[output.find("SUMMARY"):] if "SUMMARY" in output else output[-3000:])
+        assert code == 0, output[-12000:]
+    assert "Traceback" not in server.log()

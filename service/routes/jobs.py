@@ -76,7 +76,8 @@ def request_hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-@router.post("", status_code=202, response_model=Job, responses=errors(403, 404, 409, 422, 429))
+@router.post("", status_code=202, response_model=Job,
+             responses=errors(400, 403, 404, 409, 422, 429))
 def create_job(
     body: JobCreate,
     response: Response,
