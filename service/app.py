@@ -31,6 +31,7 @@ from service.executor import make_executor
 from service.models import UnknownModel
 from service.routes import jobs, models, ops, plans
 from service.routes.common import NotFound, Refused, errors, require_token, token_matches
+from service.routes.feeds import Feeds
 from service.settings import Settings
 from service.store import Conflict, QueueFull, Store
 from service.uploads import ArchiveError, ModelDirError, TooLarge, remove_tree
@@ -246,6 +247,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     remove_stale_uploads(settings)
     executor = make_executor(settings, store)
     app.state.store, app.state.executor = store, executor
+    app.state.feeds = Feeds(store)
     await run_in_threadpool(executor.start)
     supervisor = asyncio.create_task(supervise(app))
     app.state.started = True

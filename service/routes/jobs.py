@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy.exc import SQLAlchemyError
 
 from service.jobs import ARTIFACT_FILE, artifact_dir
 from service.models import resolve_model
@@ -26,6 +21,7 @@ from service.routes.common import (
     errors,
     found,
 )
+from service.routes.feeds import event_stream
 from service.schemas import (
     Job,
     JobCreate,
@@ -42,9 +38,6 @@ log = logging.getLogger("autoq.service")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-SSE_POLL_SECONDS = 0.25
-SSE_KEEPALIVE_SECONDS = 15.0
-SSE_MAX_SECONDS = 3600.0
 EVENT_ID = r"^[0-9]{1,18}$"
 
 
@@ -128,10 +121,6 @@ def get_job(store: StoreDep, job_id: JobId) -> Job:
 # -- events ----------------------------------------------------------------------------------
 
 
-def format_event(seq: int, kind: str, data: dict) -> str:
-    return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 class StreamSlots:
     """Open event streams per client (bearer token, or address when the server has none)."""
 
@@ -157,40 +146,6 @@ def client_key(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def event_stream(store: Store, job_id: str, after: int, release: Any) -> AsyncIterator[str]:
-    """Events after ``after``; ends once the job is finished and every event was sent."""
-    try:
-        yield "retry: 2000\n\n"
-        deadline = time.monotonic() + SSE_MAX_SECONDS
-        last_sent = time.monotonic()
-        while time.monotonic() < deadline:
-            events = await run_in_threadpool(store.events_after, job_id, after)
-            for event in events:
-                yield format_event(event.seq, event.kind, {**event.data, "at": event.created_at})
-                after = event.seq
-            if events:
-                last_sent = time.monotonic()
-                continue
-            status = await run_in_threadpool(store.job_status, job_id)
-            if status is None:
-                return
-            if status in ("succeeded", "failed", "cancelled"):
-                # The final status event is written with the status, so the query above saw
-                # it unless it landed in between: look once more before ending.
-                if not await run_in_threadpool(store.events_after, job_id, after, 1):
-                    return
-                continue
-            if time.monotonic() - last_sent >= SSE_KEEPALIVE_SECONDS:
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
-            await asyncio.sleep(SSE_POLL_SECONDS)
-    except SQLAlchemyError:
-        # Headers are sent: end the stream; the client reconnects with Last-Event-ID.
-        log.warning("event stream of %s ended by a database error", job_id, exc_info=True)
-    finally:
-        release()
-
-
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"description": "Server-sent events (status, stage, progress), "
                                             "each with a JSON `data`; the stream ends when the "
@@ -214,7 +169,9 @@ def job_events(
     slots: StreamSlots = request.app.state.streams
     client = client_key(request)
     slots.take(client, settings.max_event_streams)
-    return StreamingResponse(event_stream(store, job_id, start, lambda: slots.give_back(client)),
+    stream = event_stream(request.app.state.feeds, job_id, start,
+                          lambda: slots.give_back(client))
+    return StreamingResponse(stream,
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
