@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import autoq
 from service.executor import make_executor
+from service.jobs import artifact_dir
 from service.models import UnknownModel
 from service.routes import jobs, models, ops, plans
 from service.routes.common import NotFound, Refused, errors, require_token, token_matches
@@ -213,15 +214,41 @@ def without_null(schema: dict[str, Any]) -> dict[str, Any]:
 # -- the application -------------------------------------------------------------------------
 
 
+RETENTION_EVERY = 60.0
+
+
+def apply_retention(settings: Settings, store: Store, now: float | None = None) -> None:
+    """Delete what the retention settings say has been kept long enough."""
+    now = time.time() if now is None else now
+    if settings.job_retention_seconds is not None:
+        for job_id in store.finished_before(now - settings.job_retention_seconds):
+            try:
+                store.delete_job(job_id)
+            except Conflict:  # no longer finished (cannot happen today): leave it
+                continue
+            remove_tree(artifact_dir(settings, job_id))
+    if settings.artifact_retention_seconds is not None:
+        for job_id in store.drop_artifacts(now - settings.artifact_retention_seconds):
+            remove_tree(artifact_dir(settings, job_id))
+    if settings.event_retention_seconds is not None:
+        store.drop_events(now - settings.event_retention_seconds)
+
+
 async def supervise(app: FastAPI) -> None:
-    """Recover jobs whose worker died, keep workers running (or submit Ray tasks)."""
+    """Recover jobs whose worker died, keep workers running (or submit Ray tasks), and apply
+    the retention settings (once a minute)."""
     settings, store, executor = app.state.settings, app.state.store, app.state.executor
+    retained_at = 0.0
 
     def tick() -> None:
+        nonlocal retained_at
         recovered = store.recover_expired(settings.lease_seconds, settings.job_retry_limit)
         if recovered:
             log.warning("recovered jobs whose worker was lost: %s", ", ".join(recovered))
         executor.tick()
+        if time.monotonic() - retained_at >= RETENTION_EVERY:
+            retained_at = time.monotonic()
+            apply_retention(settings, store)
 
     while True:
         try:

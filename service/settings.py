@@ -55,6 +55,18 @@ class Settings(BaseSettings):
         32_768, gt=0, description="Largest hidden size a model's config may ask for."
     )
     max_queued_jobs: int = Field(1000, gt=0, description="Jobs that may wait at once (429 past it).")
+    job_retention_seconds: float | None = Field(
+        None, gt=0, description="Finished jobs older than this are deleted, with their events and "
+                                "files (default: kept)."
+    )
+    event_retention_seconds: float | None = Field(
+        None, gt=0, description="Events of jobs finished longer ago than this are deleted "
+                                "(default: kept)."
+    )
+    artifact_retention_seconds: float | None = Field(
+        None, gt=0, description="Checkpoints of jobs finished longer ago than this are deleted; "
+                                "the job stays (default: kept)."
+    )
     max_event_streams: int = Field(
         64, gt=0, description="Event streams one client (token, or address) may hold open."
     )

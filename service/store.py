@@ -399,6 +399,36 @@ class Store:
             return None
         raise Conflict(f"job {job_id} is {status}; cancel it before deleting it")
 
+    # -- retention ---------------------------------------------------------------------------
+
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Ids of jobs that finished before ``cutoff`` (oldest first)."""
+        query = (select(JobRow.id).where(JobRow.status.in_(list(FINISHED)),
+                                         JobRow.finished_at < cutoff)
+                 .order_by(JobRow.finished_at).limit(limit))
+        with self.reading() as session:
+            return list(session.scalars(query))
+
+    def drop_events(self, cutoff: float) -> int:
+        """Delete the events of jobs that finished before ``cutoff``; how many were deleted."""
+        finished = (select(JobRow.id).where(JobRow.status.in_(list(FINISHED)),
+                                            JobRow.finished_at < cutoff))
+        with self.transaction() as session:
+            return session.execute(delete(EventRow).where(EventRow.job_id.in_(finished))).rowcount
+
+    def drop_artifacts(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Forget the checkpoints of jobs that finished before ``cutoff``; their ids (the
+        caller removes the files: the API stops offering them first)."""
+        query = (select(JobRow.id).where(JobRow.status.in_(list(FINISHED)),
+                                         JobRow.finished_at < cutoff,
+                                         JobRow.artifact_etag.is_not(None)).limit(limit))
+        with self.transaction() as session:
+            ids = list(session.scalars(query))
+            if ids:
+                session.execute(update(JobRow).where(JobRow.id.in_(ids))
+                                .values(artifact_etag=None, artifact_size=None))
+        return ids
+
     def storage_used(self) -> int:
         """Bytes of uploaded models and job checkpoints, as recorded."""
         with self.reading() as session:

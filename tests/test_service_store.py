@@ -179,3 +179,40 @@ def test_many_readers_beside_a_busy_writer(store):
     for thread in threads:
         thread.join()
     assert not failures, failures[:3]
+
+
+def test_retention(store, tmp_path):
+    from service.app import apply_retention
+    from service.jobs import artifact_dir
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    ids = [new_job(store) for _ in range(3)]
+    for job_id in ids:
+        store.claim(job_id, "w1")
+        artifact_dir(settings, job_id).mkdir(parents=True)
+        (artifact_dir(settings, job_id) / "checkpoint.tar").write_bytes(b"x")
+        store.finish(job_id, "w1", SUCCEEDED, message="done", artifact_etag="e", artifact_size=1)
+    running = new_job(store)
+    store.claim(running, "w1")
+    now = time.time()
+
+    apply_retention(settings, store, now + 1000)  # nothing configured: everything kept
+    assert all(store.get_job(job_id).artifact_etag == "e" for job_id in ids)
+
+    artifacts = settings.model_copy(update={"artifact_retention_seconds": 500})
+    apply_retention(artifacts, store, now + 1000)
+    assert all(store.get_job(job_id).artifact_etag is None for job_id in ids)
+    assert not any(artifact_dir(settings, job_id).exists() for job_id in ids)
+    assert store.storage_used() == 0
+
+    events = settings.model_copy(update={"event_retention_seconds": 500})
+    apply_retention(events, store, now + 1000)
+    assert store.events_after(ids[0], 0) == [] and store.events_after(running, 0)
+
+    jobs = settings.model_copy(update={"job_retention_seconds": 500})
+    apply_retention(jobs, store, now + 100)  # not old enough yet
+    assert store.get_job(ids[0]) is not None
+    apply_retention(jobs, store, now + 1000)
+    assert [store.get_job(job_id) for job_id in ids] == [None, None, None]
+    assert store.get_job(running).status == RUNNING  # never a job that has not finished
