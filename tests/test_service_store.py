@@ -3,9 +3,16 @@ they show, state changes are compare-and-set, progress writes are throttled."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+import socket
 import sqlite3
+import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect as orm_state
@@ -13,13 +20,60 @@ from sqlalchemy import inspect as orm_state
 from service.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, Conflict, QueueFull, Store
 
 BIG_CALIBRATION = {"texts": ["a sentence of calibration text"] * 2000}
+DATABASES = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server, where its binaries and psycopg are installed."""
+    pytest.importorskip("psycopg")
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL is not installed")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser")
+        as_user = ["runuser", "-u", "nobody", "--"]
+    # Not under pytest's temporary directory: the server's user must be able to reach it.
+    base = Path(tempfile.mkdtemp(prefix="autoq-postgres-"))
+    base.chmod(0o777)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = base / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "autoq", "--auth=trust"],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                    f"-h 127.0.0.1 -p {port} -k {base}", "start"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql+psycopg://autoq@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = request.getfixturevalue("postgres")
+    name = f"autoq_test_{next(DATABASES)}"
+    admin = Store(f"{server}/postgres")
+    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.engine.dispose()
+    return f"{server}/{name}"
 
 
 @pytest.fixture
-def store(tmp_path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(url) -> Store:
+    store = Store(url)
     store.create_all()
-    return store
+    yield store
+    store.engine.dispose()
 
 
 def new_job(store: Store, **request) -> str:
@@ -29,7 +83,9 @@ def new_job(store: Store, **request) -> str:
     return job.id
 
 
-def test_reads_do_not_wait_for_a_writer(store, tmp_path):
+def test_reads_do_not_wait_for_a_writer(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_all()
     job_id = new_job(store)
     writer = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None, timeout=0)
     writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -56,11 +112,11 @@ def test_views_leave_the_request_and_plan_unloaded(store):
     assert store.get_job(job_id).request["calibration"] == BIG_CALIBRATION  # the worker's view
 
 
-def test_jobs_from_before_the_summary_column(store, tmp_path):
+def test_jobs_from_before_the_summary_column(store, url):
     job_id = new_job(store, calibration={"texts": ["x", "y"]})
     with store.engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN summary")
-    reopened = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    reopened = Store(url)
     reopened.create_all()  # adds the column back, empty for the old row
     assert reopened.get_job_view(job_id).summary["calibration_texts"] == 2
     assert reopened.get_job(job_id).summary is None  # the view did not write it back
@@ -124,9 +180,8 @@ def test_claim_has_one_winner(store):
     assert len(winners) == 1 and store.get_job(job_id).worker_id == winners[0]
 
 
-def test_queue_limit(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}", max_queued=2)
-    store.create_all()
+def test_queue_limit(store):
+    store.max_queued = 2
     first = new_job(store)
     new_job(store)
     with pytest.raises(QueueFull, match="limit is 2"):
