@@ -1,4 +1,5 @@
-"""The public entry points: ``search``, ``autoquant``, ``resolve`` and ``apply``.
+"""The search entry points: ``search``, ``resolve`` and ``apply`` (``autoquant``, search + apply,
+is the pipeline's: ``autoq.pipeline``).
 
 ``search`` runs the stages in order — profile, benchmark, sensitivity, solve (and optionally
 refine) — each taking plain data and returning plain data, with the results cached on disk (see
@@ -9,20 +10,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from autoq import bench, formats, profile, sensitivity, solve
 from autoq.cache import PlanCache, make_key, model_fingerprint
 from autoq.calibration import as_batches, fingerprint
+from autoq.config import SearchConfig, loss_identity, plan_key
 from autoq.plan import LayerStats, ModelInfo, Plan, SearchStats, ShapeCount, build_plan
+from autoq.stages import Stage
 from autoq.swap import QuantizedMemo, apply, layer_shape, quantizable_layers
 
-__all__ = ["apply", "autoquant", "resolve", "search"]
+__all__ = ["SearchConfig", "apply", "resolve", "search"]
 
 ProgressFn = Callable[[str, float, str], None]
-STAGES = ("profile", "benchmark", "sensitivity", "solve", "refine")
 REFINE_BUDGET_STEPS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # seed budgets around the requested one
 
 
@@ -71,72 +73,42 @@ def _stage(report: ProgressFn | None, stage: str) -> Callable[[float, str], None
 # ------------------------------------------------------------------------------- arguments
 
 
-def _formats(requested: Iterable[str] | None) -> list[str]:
-    names = formats.names() if requested is None else list(requested)
-    if isinstance(requested, str):
-        raise TypeError("formats must be a list of format names, not one string")
-    if not names:
-        raise ValueError(f"formats is empty; choose among {', '.join(formats.names())}")
-    for name in names:
-        formats.get(name)  # a clear error for unknown names
-    return list(dict.fromkeys(["none", *names]))  # a layer can always stay unquantized
-
-
-def _budget(effective_bits: float | None) -> float:
-    budget = solve.DEFAULT_BUDGET if effective_bits is None else effective_bits
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"effective_bits must be a positive number, got {effective_bits!r}")
-    return float(budget)
-
-
-def _objective(objective: str) -> str:
-    if objective not in solve.OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(solve.OBJECTIVES)}")
-    return objective
-
-
-def _loss_identity(loss_fn) -> str | None:
-    if loss_fn is None:
-        return None
-    code = getattr(loss_fn, "__code__", None)
-    body = code.co_code.hex() + repr(code.co_consts) if code is not None else ""
-    return f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}:" + \
-        make_key(body)
-
-
-def _loss_description(loss_fn, batches: Sequence, probes: int) -> str:
-    if loss_fn is not None:
-        return f"loss_fn {_loss_identity(loss_fn)}"
+def _loss_description(config: SearchConfig, batches: Sequence) -> str:
+    if config.loss_fn is not None:
+        return f"loss_fn {getattr(config.loss_fn, '__qualname__', type(config.loss_fn).__name__)} " \
+               f"({loss_identity(config.loss_fn)})"
     if all(isinstance(b, dict) and "labels" in b for b in batches):
         return "the model's own loss (batches carry labels)"
-    return f"random output probes ({probes})"
+    return f"random output probes ({config.probes})"
 
 
 # ------------------------------------------------------------------------------- the stages
 
 
-def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], fmts: list[str], *,
-             loss_fn, probes: int, seed: int, cache: PlanCache, hardware: dict, model_info: ModelInfo,
-             calibration: str, report: ProgressFn | None) -> SearchStats:
+def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], config: SearchConfig, *,
+             cache: PlanCache, hardware: dict, model_info: ModelInfo, calibration: str,
+             report: ProgressFn | None) -> SearchStats:
     """Profile, benchmark and score: everything a plan is solved from."""
+    fmts = list(config.formats)
     seconds = {}
     start = time.perf_counter()
-    prof = profile.profile(model, batches, layers, report=_stage(report, "profile"))
-    seconds["profile"] = time.perf_counter() - start
+    prof = profile.profile(model, batches, layers, report=_stage(report, Stage.PROFILE))
+    seconds[Stage.PROFILE] = time.perf_counter() - start
 
     start = time.perf_counter()
     hw_key = bench.hardware_key(hardware)
     quantized: QuantizedMemo = {}  # each (layer, format) quantized once, shared by the stages
     timed = bench.benchmark(layers, prof, fmts, timings=cache.timings(hw_key),
-                            report=_stage(report, "benchmark"), quantized=quantized)
+                            report=_stage(report, Stage.BENCHMARK), quantized=quantized)
     cache.add_timings(hw_key, timed.new_timings)
-    seconds["benchmark"] = time.perf_counter() - start
+    seconds[Stage.BENCHMARK] = time.perf_counter() - start
 
     start = time.perf_counter()
     candidates = {name: [f for f in fmts if f in timed.latency[name]] for name in layers}
-    scores, failed = sensitivity.score(model, batches, layers, candidates, loss_fn=loss_fn, probes=probes,
-                                       seed=seed, report=_stage(report, "sensitivity"), quantized=quantized)
-    seconds["sensitivity"] = time.perf_counter() - start
+    scores, failed = sensitivity.score(model, batches, layers, candidates, loss_fn=config.loss_fn,
+                                       probes=config.probes, seed=config.seed,
+                                       report=_stage(report, Stage.SENSITIVITY), quantized=quantized)
+    seconds[Stage.SENSITIVITY] = time.perf_counter() - start
 
     stats = {}
     for name in layers:
@@ -152,84 +124,53 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
     return SearchStats(
         autoq_version=hardware["autoq"], model=model_info, calibration=calibration,
         num_batches=len(batches), hardware=hardware, formats=fmts,
-        settings={"probes": probes, "seed": seed, "sqnr_floor_db": bench.SQNR_FLOOR_DB,
-                  "m_bucketing": "next power of two", "loss": _loss_description(loss_fn, batches, probes)},
+        settings={"probes": config.probes, "seed": config.seed, "sqnr_floor_db": bench.SQNR_FLOOR_DB,
+                  "m_bucketing": "next power of two", "loss": _loss_description(config, batches)},
         stage_seconds=seconds, layers=stats)
 
 
 def _solve(stats: SearchStats, budget: float, objective: str, rules: list[str],
            report: ProgressFn | None) -> tuple[solve.Solution, dict[str, str]]:
     groups = solve.group_layers(stats.layers, rules)
-    stage = _stage(report, "solve")
+    stage = _stage(report, Stage.SOLVE)
     if stage is not None:
         stage(0.0, f"{len(set(groups.values()))} groups, objective={objective}, budget={budget:g}")
     solution = solve.solve(stats.costs(), budget, objective, groups)
     if stage is not None:
-        for i, name in enumerate(stats.layers):
-            stage((i + 1) / len(stats.layers), f"{name}: {solution.assignment[name]}")
+        stage(1.0, f"effective bits {solution.effective_bits:.3f}, predicted latency "
+                   f"{solution.latency * 1e3:.3g} ms vs {solution.latency_unquantized * 1e3:.3g} ms unquantized")
     return solution, groups
 
 
-def search(
-    model: nn.Module,
-    calibration,
-    *,
-    effective_bits: float | None = None,
-    formats: Iterable[str] | None = None,
-    objective: str = "balanced",
-    loss_fn: Callable | None = None,
-    groups: Sequence[str] | None = None,
-    exclude: Iterable[str] | None = None,
-    cache_dir: str | None = None,
-    progress: bool | ProgressFn = True,
-    refine_trials: int = 0,
-    probes: int = sensitivity.PROBES,
-    seed: int = 0,
-) -> Plan:
+def search(model: nn.Module, calibration, config: SearchConfig | None = None, *,
+           progress: bool | ProgressFn = True, **settings) -> Plan:
     """Find the best format per layer for this model on this hardware; the model is not changed.
 
-    ``effective_bits``: storage budget, bits per weight element averaged over the quantizable
-    layers (default ``autoq.solve.DEFAULT_BUDGET`` = 6.0). ``objective``: ``"balanced"``,
-    ``"accuracy"`` or ``"speed"`` (see ``autoq.solve``). ``formats``: candidate format names
-    (default: all registered; ``none`` is always a candidate). ``groups``: regex rules with a
-    capture group for layers that must share a format (default ``solve.DEFAULT_GROUP_RULES``).
-    ``exclude``: regexes of layer names to leave out of the search. ``refine_trials``: when > 0,
-    an NSGA-II study measuring the real loss on held-out batches (the last quarter of the
-    calibration batches, not used for scoring) refines the plan. ``progress``: True for progress
-    bars on stderr, False for silence, or a callable ``progress(stage, fraction, message)``
-    whose exceptions propagate (use that to cancel).
+    ``config`` is a :class:`autoq.SearchConfig`; its fields can also be given (or overridden) as
+    keyword arguments, e.g. ``search(model, batches, effective_bits=5, objective="accuracy")``.
+    ``progress``: True for progress bars on stderr, False for silence, or a callable
+    ``progress(stage, fraction, message)`` whose exceptions propagate (use that to cancel).
 
-    The result is cached under ``cache_dir``: a repeated call returns the cached plan
+    The result is cached under ``config.cache_dir``: a repeated call returns the cached plan
     (``plan.from_cache``); a new budget or objective re-solves from cached statistics.
     """
+    config = SearchConfig.build(config, **settings)
     report = _reporter(progress)
     try:
-        return _search(model, calibration, effective_bits=effective_bits, formats=formats,
-                       objective=objective, loss_fn=loss_fn, groups=groups, exclude=exclude,
-                       cache_dir=cache_dir, report=report, refine_trials=refine_trials,
-                       probes=probes, seed=seed)
+        return _search(model, calibration, config, report)
     finally:
         if isinstance(report, _RichProgress):
             report.close()
 
 
-def _search(model, calibration, *, effective_bits, formats, objective, loss_fn, groups, exclude,
-            cache_dir, report, refine_trials, probes, seed) -> Plan:
-    budget = _budget(effective_bits)
-    objective = _objective(objective)
-    fmts = _formats(formats)
-    rules = list(solve.DEFAULT_GROUP_RULES if groups is None else groups)
-    solve.group_layers([], rules)  # validate the rules before any work
-    if not isinstance(refine_trials, int) or refine_trials < 0:
-        raise ValueError(f"refine_trials must be a non-negative integer, got {refine_trials!r}")
+def _search(model: nn.Module, calibration, config: SearchConfig, report: ProgressFn | None) -> Plan:
     batches = as_batches(calibration)
-    exclude = list(exclude or [])
-    layers = quantizable_layers(model, exclude=exclude)
+    layers = quantizable_layers(model, exclude=config.exclude)
     if not layers:
         raise ValueError("the model has no quantizable layers (nn.Linear or GPT-2 Conv1D) left to search"
-                         + (f" after exclude={exclude}" if exclude else ""))
+                         + (f" after exclude={list(config.exclude)}" if config.exclude else ""))
     holdout: list = []
-    if refine_trials:
+    if config.refine_trials:
         if len(batches) < 2:
             raise ValueError("refine_trials needs at least 2 calibration batches (one is held out)")
         n_hold = max(1, len(batches) // 4)
@@ -240,57 +181,63 @@ def _search(model, calibration, *, effective_bits, formats, objective, loss_fn, 
     shapes = {name: layer_shape(m) for name, m in layers.items()}
     model_info = ModelInfo(architecture=type(model).__name__, fingerprint=model_fingerprint(model, shapes))
     calibration_fp = fingerprint(batches + holdout)
-    cache = PlanCache(cache_dir)
-    stats_key = make_key("stats", model_info.fingerprint, calibration_fp, len(holdout), fmts, exclude,
-                         _loss_identity(loss_fn), probes, seed, bench.SQNR_FLOOR_DB, hardware)
-    plan_key = make_key("plan", stats_key, budget, objective, rules, refine_trials)
+    cache = PlanCache(config.cache_dir)
+    stats_key = make_key("stats", model_info.fingerprint, calibration_fp, len(holdout), *config.stats_identity(),
+                         bench.SQNR_FLOOR_DB, hardware)
+    budget, objective, rules = config.effective_bits, config.objective, list(config.groups)
+    key = plan_key(stats_key, budget, objective, rules, config.refine_trials)
 
-    cached = cache.get(plan_key)
+    cached = cache.get(key)
     if cached is not None:
         cached.from_cache = True
         if report is not None:
-            report("solve", 1.0, f"cached plan {plan_key}")
+            report(Stage.SOLVE, 1.0, f"cached plan {key}")
         return cached
 
     stats = cache.get_stats(stats_key)
     if stats is None:
-        stats = _measure(model, batches, layers, fmts, loss_fn=loss_fn, probes=probes, seed=seed,
-                         cache=cache, hardware=hardware, model_info=model_info,
+        stats = _measure(model, batches, layers, config, cache=cache, hardware=hardware, model_info=model_info,
                          calibration=calibration_fp, report=report)
         cache.put_stats(stats_key, stats)
 
     start = time.perf_counter()
     solution, group_map = _solve(stats, budget, objective, rules, report)
-    seconds = {**stats.stage_seconds, "solve": time.perf_counter() - start}
+    seconds = {**stats.stage_seconds, Stage.SOLVE: time.perf_counter() - start}
     pareto = None
     notes = [f"layer {n} never ran on the calibration data: timed and scored as free"
              for n, layer in stats.layers.items() if not layer.shapes]
-    if refine_trials:
+    if config.refine_trials:
         start = time.perf_counter()
-        solution, pareto, refine_notes = _refine(model, holdout, layers, loss_fn, stats, solution, group_map,
-                                                 budget, objective, refine_trials, cache, plan_key, seed, report)
+        solution, pareto, refine_notes = _refine(model, holdout, layers, config, stats, solution, group_map,
+                                                 cache, key, report)
         notes += refine_notes
-        seconds["refine"] = time.perf_counter() - start
+        seconds[Stage.REFINE] = time.perf_counter() - start
     plan = build_plan(stats, solution, budget=budget, objective=objective, group_rules=rules,
-                      groups=group_map, pareto=pareto, notes=notes)
-    plan.stage_seconds = seconds
-    plan.cache_key = plan_key
-    plan.settings = {**plan.settings, "stats_key": stats_key}
+                      groups=group_map, pareto=pareto, notes=notes, stage_seconds=seconds,
+                      cache_key=key, stats_key=stats_key)
     cache.put(plan)
     return plan
 
 
-def _refine(model, holdout, layers, loss_fn, stats, solution, group_map, budget, objective, trials,
-            cache, plan_key, seed, report):
+def _refine(model, holdout, layers, config: SearchConfig, stats, solution, group_map, cache, key, report):
     costs = stats.costs()
-    evaluate = sensitivity.LossEvaluator(model, holdout, layers, loss_fn)
+    budget, objective = config.effective_bits, config.objective
+    evaluate = sensitivity.LossEvaluator(model, holdout, layers, config.loss_fn)
     budgets = [b for b in (budget + step for step in REFINE_BUDGET_STEPS) if b > 0]
-    front = solve.refine(costs, group_map, evaluate, budgets=budgets, objective=objective, trials=trials,
-                         storage=cache.study_storage(), study_name=f"autoq-{plan_key}", seed=seed,
-                         report=_stage(report, "refine"))
-    # Keep the point with the lowest measured loss that honours the budget and the latency limit
-    # the integer program honoured; the integer-program solution itself was one of the trials.
-    latency_limit = max(solution.latency, solution.latency_unquantized) if objective != "accuracy" else math.inf
+    front = solve.refine(costs, group_map, evaluate, budgets=budgets, objective=objective,
+                         trials=config.refine_trials, storage=cache.study_storage(),
+                         study_name=f"autoq-{key}", seed=config.seed, report=_stage(report, Stage.REFINE))
+    # Keep a point that honours the budget and the latency the objective asks for, with the
+    # lowest measured loss; the integer-program solution itself was one of the trials.
+    #   accuracy: any latency; balanced: the limit the integer program honoured (no slower than
+    #   unquantized, or its own latency when that was impossible); speed: as fast as the
+    #   integer program's plan, the fastest within the score limit.
+    if objective == "accuracy":
+        latency_limit = math.inf
+    elif objective == "speed":
+        latency_limit = solution.latency
+    else:
+        latency_limit = max(solution.latency, solution.latency_unquantized)
     eligible = [p for p in front if p.effective_bits <= budget + 1e-9 and p.latency <= latency_limit * (1 + 1e-9)]
     notes = []
     if eligible:
@@ -304,47 +251,20 @@ def _refine(model, holdout, layers, loss_fn, stats, solution, group_map, budget,
     return solution, front, notes
 
 
-def autoquant(
-    model: nn.Module,
-    calibration,
-    *,
-    effective_bits: float | None = None,
-    formats: Iterable[str] | None = None,
-    objective: str = "balanced",
-    loss_fn: Callable | None = None,
-    groups: Sequence[str] | None = None,
-    exclude: Iterable[str] | None = None,
-    cache_dir: str | None = None,
-    progress: bool | ProgressFn = True,
-    refine_trials: int = 0,
-    probes: int = sensitivity.PROBES,
-    seed: int = 0,
-) -> tuple[nn.Module, Plan]:
-    """:func:`search` (or reuse a cached plan), then quantize ``model`` in place.
-
-    Same arguments as :func:`search`; returns ``(model, plan)``."""
-    plan = search(model, calibration, effective_bits=effective_bits, formats=formats, objective=objective,
-                  loss_fn=loss_fn, groups=groups, exclude=exclude, cache_dir=cache_dir, progress=progress,
-                  refine_trials=refine_trials, probes=probes, seed=seed)
-    apply(model, plan)
-    return model, plan
-
-
 def resolve(plan: Plan, effective_bits: float | None = None, objective: str | None = None,
             groups: Sequence[str] | None = None) -> Plan:
     """Re-solve ``plan`` for another budget or objective from the statistics it carries, without
     the model. Omitted arguments keep the plan's own."""
-    budget = _budget(plan.budget if effective_bits is None else effective_bits)
-    objective = _objective(plan.objective if objective is None else objective)
-    rules = list(plan.groups if groups is None else groups)
+    config = SearchConfig(effective_bits=plan.budget if effective_bits is None else effective_bits,
+                          objective=plan.objective if objective is None else objective,
+                          groups=plan.groups if groups is None else groups, formats=plan.formats)
+    budget, objective, rules = config.effective_bits, config.objective, list(config.groups)
     stats = plan.stats()
     start = time.perf_counter()
     solution, group_map = _solve(stats, budget, objective, rules, None)
-    new = build_plan(stats, solution, budget=budget, objective=objective, group_rules=rules, groups=group_map,
-                     notes=[f"re-solved from plan {plan.cache_key or '(unsaved)'}"])
-    new.stage_seconds = {**stats.stage_seconds, "solve": time.perf_counter() - start}
     stats_key = plan.settings.get("stats_key")
-    if stats_key:
-        new.settings = {**new.settings, "stats_key": stats_key}
-        new.cache_key = make_key("plan", stats_key, budget, objective, rules, 0)
-    return new
+    return build_plan(stats, solution, budget=budget, objective=objective, group_rules=rules, groups=group_map,
+                      notes=[f"re-solved from plan {plan.cache_key or '(unsaved)'}"],
+                      stage_seconds={**stats.stage_seconds, Stage.SOLVE: time.perf_counter() - start},
+                      cache_key=plan_key(stats_key, budget, objective, rules, 0) if stats_key else "",
+                      stats_key=stats_key)

@@ -57,35 +57,6 @@ def read_calibration(path: Path | None) -> list[str]:
     return texts
 
 
-def quantize_model(model_spec: str, *, bits: float | None = None, out_dir: Path | None = None,
-                   formats: list[str] | None = None, objective: str = "balanced",
-                   calibration_texts: list[str] | None = None, plan_path: Path | None = None,
-                   cache_dir: Path | None = None, progress: bool = True):
-    """Load, search (or load ``plan_path``), apply and save. Returns ``(model, tokenizer, plan)``.
-
-    The code path of ``autoq quantize`` and of ``python -m autoq.demo``.
-    """
-    from autoq.api import apply, search
-    from autoq.calibration import bundled_texts, text_batches
-    from autoq.checkpoint import save_quantized
-    from autoq.models import load_model
-    from autoq.plan import Plan
-
-    plan = Plan.load(plan_path) if plan_path is not None else None
-    model, tokenizer = load_model(model_spec)
-    if plan is None:
-        if tokenizer is None:
-            raise ValueError(f"{model_spec} has no tokenizer files, so calibration text cannot be tokenized; "
-                             "add the tokenizer to the model directory")
-        batches = text_batches(calibration_texts or bundled_texts(), tokenizer)
-        plan = search(model, batches, effective_bits=bits, formats=formats, objective=objective,
-                      cache_dir=str(cache_dir) if cache_dir is not None else None, progress=progress)
-    apply(model, plan)
-    if out_dir is not None:
-        save_quantized(model, out_dir, tokenizer, plan=plan)
-    return model, tokenizer, plan
-
-
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="bundled:minilm or a local Hugging Face model directory"),
@@ -101,15 +72,18 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Search the best format per layer, quantize, and write the checkpoint with plan.json."""
+    from autoq.config import SearchConfig
+    from autoq.pipeline import quantize as run_pipeline
+    from autoq.plan import Plan
     from autoq.solve import InfeasibleBudget
 
-    if objective not in OBJECTIVES:
-        raise _fail(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     try:
-        texts = read_calibration(calib) if plan_path is None else None
-        _, _, plan = quantize_model(model, bits=bits, out_dir=out_dir, formats=_split_formats(formats),
-                                    objective=objective, calibration_texts=texts, plan_path=plan_path,
-                                    cache_dir=cache_dir, progress=not quiet)
+        config = SearchConfig(effective_bits=bits, objective=objective, formats=_split_formats(formats),
+                              cache_dir=cache_dir)
+        given_plan = Plan.load(plan_path) if plan_path is not None else None
+        texts = read_calibration(calib) if given_plan is None else None
+        plan = run_pipeline(model, config, calibration_texts=texts, plan=given_plan, out_dir=out_dir,
+                            progress=not quiet).plan
     except InfeasibleBudget as e:
         raise _fail(f"{e}; pass --bits {e.smallest:g} or more") from None
     except INPUT_ERRORS as e:

@@ -39,13 +39,14 @@ def sentence_embeddings(model: torch.nn.Module, tokenizer, texts: list[str]) -> 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from autoq.cli import quantize_model
     from autoq.models import load_model
+    from autoq.pipeline import quantize
     from autoq.plan import layer_bytes
 
     console = Console(width=max(Console().width, 100), soft_wrap=True)
     start = time.perf_counter()
-    model, tokenizer, plan = quantize_model("bundled:minilm", out_dir=OUT_DIR)
+    result = quantize("bundled:minilm", out_dir=OUT_DIR)
+    model, tokenizer, plan = result.model, result.tokenizer, result.plan
     seconds = time.perf_counter() - start
 
     table = Table(title=f"bundled:minilm, {plan.objective}, budget {plan.budget:g} bits", title_justify="left")

@@ -241,8 +241,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def build_plan(stats: SearchStats, solution, *, budget: float, objective: str, group_rules: list[str],
-               groups: dict[str, str], pareto: list | None = None, notes: list[str] | None = None) -> Plan:
-    """Combine the statistics and a ``solve.Solution`` into a Plan."""
+               groups: dict[str, str], pareto: list | None = None, notes: list[str] | None = None,
+               stage_seconds: dict[str, float] | None = None, cache_key: str = "",
+               stats_key: str | None = None) -> Plan:
+    """Combine the statistics and a ``solve.Solution`` into a finished Plan: ``stage_seconds``
+    (default: the statistics' own), its cache key and the key of the statistics it came from."""
     layers = {}
     size = size_unquantized = 0
     for name, layer in stats.layers.items():
@@ -258,8 +261,10 @@ def build_plan(stats: SearchStats, solution, *, budget: float, objective: str, g
     return Plan(
         autoq_version=stats.autoq_version, model=stats.model, calibration=stats.calibration,
         num_batches=stats.num_batches, hardware=stats.hardware, formats=stats.formats,
-        budget=budget, objective=objective, groups=list(group_rules), settings=stats.settings,
-        stage_seconds=stats.stage_seconds, layers=layers, totals=totals,
+        budget=budget, objective=objective, groups=list(group_rules),
+        settings={**stats.settings, **({"stats_key": stats_key} if stats_key else {})},
+        stage_seconds=dict(stats.stage_seconds if stage_seconds is None else stage_seconds),
+        cache_key=cache_key, layers=layers, totals=totals,
         notes=list(solution.notes) + list(notes or []),
         pareto=[ParetoEntry(loss=p.loss, effective_bits=p.effective_bits, latency=p.latency,
                             assignment=p.assignment) for p in pareto] if pareto is not None else None)

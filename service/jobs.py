@@ -21,6 +21,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from autoq.stages import Stage
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import CANCELLED, FAILED, SUCCEEDED, JobRow, Store
@@ -31,8 +32,9 @@ ARTIFACT_FILE = "checkpoint.tar"
 PLAN_FILE = "plan.json"
 # Rough share of a job's time per stage, for the overall progress figure.
 STAGE_WEIGHTS = {
-    "load": 0.04, "calibration": 0.01, "profile": 0.15, "benchmark": 0.30, "sensitivity": 0.30,
-    "solve": 0.04, "refine": 0.06, "apply": 0.03, "export": 0.07,
+    Stage.LOAD: 0.04, Stage.CALIBRATION: 0.01, Stage.PROFILE: 0.15, Stage.BENCHMARK: 0.30,
+    Stage.SENSITIVITY: 0.30, Stage.SOLVE: 0.04, Stage.REFINE: 0.06, Stage.APPLY: 0.03,
+    Stage.EXPORT: 0.07,
 }
 STAGE_START = dict(zip(STAGE_WEIGHTS, accumulate([0.0, *STAGE_WEIGHTS.values()]), strict=False))
 
@@ -179,36 +181,27 @@ def run_job(settings: Settings, store: Store, job: JobRow, worker_id: str) -> st
 
 
 def execute(settings: Settings, job: JobRow, reporter: Reporter) -> dict[str, Any]:
-    """load -> calibration batches -> search -> apply -> save (atomically); the finish fields."""
-    from autoq import apply, search
-    from autoq.calibration import bundled_texts, text_batches
-    from autoq.models import load_model
+    """The library's pipeline (load -> calibration -> search -> apply -> export) into a temporary
+    directory, then the artifact moved into place atomically; returns the finish fields."""
+    from autoq.config import SearchConfig
+    from autoq.pipeline import quantize
 
     request = JobCreate.model_validate(job.request)
-
-    reporter.enter("load", f"loading {job.model}")
-    model, tokenizer = load_model(job.model_path)
-
-    reporter.enter("calibration")
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer files, so calibration texts cannot be "
-                         "tokenized; include the tokenizer in the model directory")
-    texts = request.calibration.texts if request.calibration else bundled_texts()
-    batches = text_batches(texts, tokenizer)
-
-    plan = search(model, batches, effective_bits=request.effective_bits,
-                  formats=request.formats, objective=request.objective,
-                  refine_trials=request.refine_trials, cache_dir=str(settings.plan_cache),
-                  progress=reporter)
+    config = SearchConfig(effective_bits=request.effective_bits, formats=request.formats,
+                          objective=request.objective, refine_trials=request.refine_trials,
+                          cache_dir=str(settings.plan_cache))
+    tmp = settings.artifacts_dir / f".tmp-{job.id}-{uuid.uuid4().hex[:8]}"
+    checkpoint = tmp / "checkpoint"
+    tmp.mkdir(parents=True)
+    result = quantize(job.model_path, config,
+                      calibration_texts=request.calibration.texts if request.calibration else None,
+                      out_dir=checkpoint, export_format=request.export_format,
+                      on_stage=reporter.enter, progress=reporter)
+    plan = result.plan
     if plan.from_cache:
         reporter.note(f"reused cached plan {plan.cache_key}")
-
-    reporter.enter("apply")
-    apply(model, plan)
-
-    reporter.enter("export")
-    etag, size = write_artifact(settings, job.id, model, tokenizer, plan,
-                                request.export_format, reporter.check)
+    reporter.check()
+    etag, size = publish_artifact(settings, job.id, tmp, plan, reporter.check)
     return {
         "message": "reused a cached plan" if plan.from_cache else "done",
         "plan": plan.model_dump(mode="json"),
@@ -220,21 +213,12 @@ def execute(settings: Settings, job: JobRow, reporter: Reporter) -> dict[str, An
     }
 
 
-def write_artifact(settings: Settings, job_id: str, model: Any, tokenizer: Any, plan: Any,
-                   export_format: str | None, check: Callable[[], None]) -> tuple[str, int]:
-    """Save the checkpoint as one tar (plus plan.json) into ``<artifacts>/<job id>/``.
-
-    Everything is written into a temporary sibling directory first and renamed into place, so a
-    reader never sees a half-written artifact.
-    """
-    from autoq import save_quantized
-
+def publish_artifact(settings: Settings, job_id: str, tmp: Path, plan: Any,
+                     check: Callable[[], None]) -> tuple[str, int]:
+    """Turn ``tmp/checkpoint`` into one tar (plus plan.json) and rename ``tmp`` to
+    ``<artifacts>/<job id>/``, so a reader never sees a half-written artifact."""
     final = artifact_dir(settings, job_id)
-    tmp = settings.artifacts_dir / f".tmp-{job_id}-{uuid.uuid4().hex[:8]}"
     checkpoint = tmp / "checkpoint"
-    tmp.mkdir(parents=True)
-    save_quantized(model, checkpoint, tokenizer=tokenizer, format=export_format, plan=plan)
-    check()
     etag, size = tar_directory(checkpoint, tmp / ARTIFACT_FILE, arcname=job_id)
     shutil.rmtree(checkpoint)
     plan.save(tmp / PLAN_FILE)

@@ -9,7 +9,8 @@ import warnings
 import pytest
 
 from autoq import resolve, solve
-from autoq.cache import PlanCache, make_key
+from autoq.cache import PlanCache
+from autoq.config import plan_key
 from autoq.plan import LayerStats, ModelInfo, Plan, SearchStats, ShapeCount, build_plan
 
 BITS = {"none": 16.0, "int8_dynamic": 8.0625, "int4_g128": 4.1875}
@@ -97,7 +98,7 @@ def test_resolve_re_solves_without_the_model():
             assert new.budget == budget and new.objective == objective
             expected = solve.solve(plan.stats().costs(), budget, objective, solve.group_layers(plan.layers))
             assert new.assignment() == expected.assignment
-            assert new.cache_key == make_key("plan", "s1", budget, objective, list(solve.DEFAULT_GROUP_RULES), 0)
+            assert new.cache_key == plan_key("s1", budget, objective, solve.DEFAULT_GROUP_RULES, 0)
     assert resolve(plan).assignment() == plan.assignment()  # same budget and objective: same answer
     with pytest.raises(solve.InfeasibleBudget, match="smallest feasible budget"):
         resolve(plan, effective_bits=3.0)
