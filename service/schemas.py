@@ -239,12 +239,5 @@ class Ready(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, str]
 
-
-class Plan(BaseModel):
-    """A plan: the per-layer format assignment and its figures (see ``autoq.plan.Plan``)."""
-
-    model_config = ConfigDict(extra="allow")
-
-
 def timestamp(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None

@@ -17,8 +17,8 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up."""
+async def healthz() -> Health:
+    """The process is up (answered on the event loop: no worker thread needed)."""
     return Health(status="ok")
 
 
