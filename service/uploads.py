@@ -301,7 +301,12 @@ def check_model_dir(path: Path, limits: ModelLimits) -> None:
         raise ModelDirError(
             "config.json has an auto_map (custom model code); autoq never runs uploaded code, so "
             "only architectures built into transformers are accepted")
-    values = sum(safetensors_values(shard) for shard in weight_files(path))
+    shards = weight_files(path)
+    single = path / WEIGHTS_FILE
+    # transformers loads model.safetensors when it exists, else the index's shards.
+    values = sum(safetensors_values(shard) for shard in shards if shard != single)
+    if single.is_file():
+        values = safetensors_values(single)
     implied = implied_parameters(config, limits)
     if implied > limits.max_parameters:
         raise ModelDirError(f"config.json describes a model of about {implied:,} parameters; "
@@ -325,13 +330,13 @@ def read_json(path: Path, limit: int) -> Any:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files transformers will open: the index's shards, else model.safetensors.
+    """The safetensors files transformers may open: model.safetensors and the index's shards.
 
     Raises ModelDirError when the index names anything but a safetensors file of ``path``.
     """
     index_path = path / INDEX_FILE
+    single = path / WEIGHTS_FILE
     if not index_path.exists():
-        single = path / WEIGHTS_FILE
         if not single.is_file():
             raise ModelDirError(f"no {WEIGHTS_FILE} (or {INDEX_FILE} with shards) next to "
                                 f"config.json")
@@ -360,6 +365,9 @@ def weight_files(path: Path) -> list[Path]:
             raise ModelDirError(f"{INDEX_FILE} places {sorted(missing)[0]!r} in {shard}, which "
                                 f"does not hold it")
         files.append(file)
+    if single.is_file() and single not in files:
+        safetensors_header(single)
+        files.append(single)
     return files
 
 

@@ -115,6 +115,10 @@ def test_index_with_its_shards_is_accepted_and_checked(tmp_path):
         "a.weight": "model-00002-of-00002.safetensors"})}
     with pytest.raises(ModelDirError, match="does not hold it"):
         unpack_bytes(tmp_path / "wrong", tar_of(wrong))
+    # transformers would load model.safetensors first: it is checked too.
+    beside = {**files, "model.safetensors": safetensors_bytes({})}
+    with pytest.raises(ModelDirError, match="holds no tensors"):
+        unpack_bytes(tmp_path / "beside", tar_of(beside))
 
 
 def test_loader_refuses_an_index_or_link_that_leaves_the_directory(tmp_path):
