@@ -12,7 +12,11 @@ Hessian schedules for GPTQ:
 - ``parallel``: all Hessians collected once on the float model;
 - ``batched``: ``parallel``, with the layers of one shape quantized together (``gptq_quantize_many``).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py [--damp 0.01] [--schedule sequential]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py --threads 1 \
+        --formats int4_g128 int4_g32 int8 --schedule sequential block parallel batched --damp 0.01 0.1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py --threads 1 --search-cost --damp 0.1
+
+Results: bench/results/gptq-minilm.md.
 """
 
 from __future__ import annotations
@@ -199,6 +203,49 @@ def quantize_gptq_batched(
     return hessian_seconds, notes
 
 
+def search_cost(model: nn.Module, calibration: list[dict], damp: float, block_size: int) -> None:
+    """Seconds for what a search needs: every layer in every weight format autoq has (int8 is
+    shared by int8_dynamic and int8_weight_only), RTN vs GPTQ with one Hessian pass on the float
+    model, one factorisation per distinct input and one batched loop per weight shape."""
+    layers = linear_layers(model)
+    weights = {name: layer.weight.detach() for name, layer in layers.items()}
+    formats = ["int4_g128", "int4_g64", "int4_g32", "int8"]
+    start = time.perf_counter()
+    accs = gptq.accumulate_hessians(model, calibration, layers)
+    pass_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    prepared_by_id = {id(acc): gptq.prepare_hessian(acc.hessian, damp) for acc in accs.values()}
+    prepared = {name: prepared_by_id[id(accs[name])] for name in layers}
+    prepare_seconds = time.perf_counter() - start
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, w in weights.items():
+        by_shape.setdefault(tuple(w.shape), []).append(name)
+    print(f"| step ({len(prepared_by_id)} distinct inputs for {len(layers)} layers) | GPTQ seconds | RTN seconds |")
+    print("|---|---:|---:|")
+    print(f"| Hessian pass (once) | {pass_seconds:.2f} | - |")
+    print(f"| prepare_hessian: dampening + Cholesky (once) | {prepare_seconds:.2f} | - |")
+    total_gptq, total_rtn = pass_seconds + prepare_seconds, 0.0
+    for fmt in formats:
+        group_size = int4_group_size(fmt)
+        start = time.perf_counter()
+        for (_, k), names in by_shape.items():
+            if group_size is None:
+                quantizer = (k, gptq.fit_int8, gptq.fake_quant_int8)
+            else:
+                quantizer = (group_size, gptq.fit_int4, gptq.fake_quant_int4)
+            gptq.gptq_quantize_many(
+                [weights[n] for n in names], [prepared[n] for n in names], *quantizer, block_size=block_size
+            )
+        gptq_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for w in weights.values():
+            rtn_weight(w, fmt)
+        rtn_seconds = time.perf_counter() - start
+        total_gptq, total_rtn = total_gptq + gptq_seconds, total_rtn + rtn_seconds
+        print(f"| {fmt} | {gptq_seconds:.2f} | {rtn_seconds:.2f} |")
+    print(f"| **total** | **{total_gptq:.2f}** | **{total_rtn:.2f}** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--formats", nargs="+", default=["int4_g128", "int4_g32"], help="int4_g<G> and/or int8")
@@ -208,6 +255,8 @@ def main() -> None:
     parser.add_argument("--calibration-batch-size", type=int, default=8,
                         help="sentences per calibration batch (1: no padding rows in the Hessians)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--search-cost", action="store_true",
+                        help="only time every layer in every weight format, RTN vs GPTQ (see search_cost)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,6 +276,9 @@ def main() -> None:
             f"{embedding_cosine(mean_pooled(model, batch), references[key]):.4f}" for key, batch in held_out.items()
         )
 
+    if args.search_cost:
+        search_cost(float_model, calibration, args.damp[0], args.block_size)
+        return
     print(f"MiniLM: {len(linear_layers(float_model))} Linear layers; calibration {len(calibration)} batches, "
           f"{rows} activation rows ({real} non-padding); held-out: tests/conftest.py UNSEEN_SENTENCES ({len(UNSEEN_SENTENCES)}) "
           f"and this script's OTHER_SENTENCES ({len(OTHER_SENTENCES)}); "
