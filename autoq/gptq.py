@@ -108,7 +108,8 @@ def accumulate_hessians(
 ) -> dict[str, HessianAccumulator]:
     """Run ``model`` on ``batches`` (under ``no_grad``) and accumulate each layer's input Hessian.
 
-    ``layers`` maps names to ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside ``model``. The
+    ``layers`` maps names to ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside ``model`` (a
+    ``Conv1D`` stores its weight as ``[in, out]``: quantize ``weight.T`` with its Hessian). The
     inputs each layer really receives are used, so quantizing earlier layers first and calling
     this afterwards gives the sequential (standard) GPTQ Hessians. Batches must already be on
     the model's device. The hooks are removed even when the model raises.
@@ -234,6 +235,8 @@ def prepare_hessian(
     if scale <= 0:
         raise DegenerateHessian("Hessian has a non-positive mean diagonal; it is not XᵀX of any inputs")
     h = h / scale
+    h[dead, :] = 0.0  # already zero for any XᵀX; enforced so dead columns are truly decoupled
+    h[:, dead] = 0.0
     torch.diagonal(h)[dead] = 1.0
     upper, used = _upper_inverse_cholesky(h, damp)
     return PreparedHessian(upper, used, scale)
