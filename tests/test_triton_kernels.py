@@ -186,6 +186,16 @@ def test_int4_gemv_tile_spanning_groups():
     check(run("int4", x, weight, None, config), "int4", x, weight, None)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("block_n, block_k, split_k", [(32, 64, 2), (64, 128, 1), (32, 256, 1)])
+def test_int4_gemv_in_bounds_tiles(group, block_n, block_k, split_k):
+    # N % BLOCK_N == 0 and K % (BLOCK_K * SPLIT_K) == 0: the GEMV drops its masks (EVEN).
+    weight = int4_weight(64, 256, group)
+    x, bias = activation(2, 256, torch.bfloat16), make_bias(64, torch.bfloat16, True)
+    config = KernelConfig("gemv", 1, block_n, block_k, split_k, 1, 4, 2)
+    check(run("int4", x, weight, bias, config), "int4", x, weight, bias)
+
+
 def test_int4_gemm_rejects_tile_across_groups():
     weight = int4_weight(40, 160, 32)
     with pytest.raises(ValueError, match="must divide the group size"):
@@ -225,11 +235,48 @@ def test_int4_prepared_layout():
     prepared = tb.INT4.prepare(weight)
     words = prepared.qweight.cpu().to(torch.int64) & 0xFFFFFFFF
     assert prepared.qweight.dtype == torch.int32 and tuple(words.shape) == (96 // 8, 24)
-    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1)  # [K/8, 8, N]
+    position = [i // 2 + 4 * (i % 2) for i in range(8)]  # K pairs share a nibble of each half
+    nibbles = torch.stack([(words >> (4 * p)) & 0xF for p in position], dim=1)  # [K/8, 8, N]
     unpacked = nibbles.reshape(96, 24).t()
     assert torch.equal(unpacked.to(torch.uint8), P.unpack_int4(weight.qweight.cpu()))
     assert torch.equal(prepared.scale.cpu(), weight.scale.cpu().t())
     assert torch.equal(prepared.zero_point.cpu(), weight.zero_point.cpu().t())
+
+
+def _halves(bits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 16-bit floats of 32-bit patterns (int64 tensor): (low half, high half)."""
+    def as_float(half):
+        return torch.from_numpy((half.numpy() & 0xFFFF).astype("uint16").view("int16")).view(dtype)
+    return as_float(bits & 0xFFFF).float(), as_float(bits >> 16).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_gemv_bit_tricks(dtype):
+    """The integer steps of the CUDA int4 GEMV's PTX (``triton_int4._dot_ptx``), replayed in
+    torch: lop3 ``(w & mask) | magic``, shifts, the zero-point operands, the 1/16 fma. The
+    interpreter cannot run PTX, so this checks the bit tricks; a GPU run checks the rest."""
+    from autoq.kernels import triton_int4
+
+    weight = int4_weight(16, 64, 32)
+    words = tb.INT4.prepare(weight).qweight.cpu().to(torch.int64) & 0xFFFFFFFF  # [8, 16]
+    q = P.unpack_int4(weight.qweight.cpu()).t().reshape(8, 8, 16).to(torch.float32)  # [j, i, n]
+    z = torch.arange(16, dtype=torch.int64)[None, :].expand(8, 16)  # every zero point
+    expected = q - z[:, None, :].float()  # [j, i, n]
+    got = []
+    if dtype == torch.float16:
+        neg_z, _ = _halves((z | 0xE400) * 0x10001, dtype)  # -(1024 + z)
+        neg_z16, _ = _halves(((z << 4) | 0xD400) * 0x10001, dtype)  # -(64 + z)
+        for src in (words, words >> 8):  # pairs (k0, k1), (k2, k3), then (k4, k5), (k6, k7)
+            for mask, scale, offset in ((0x000F000F, 1.0, neg_z), (0x00F000F0, 1 / 16, neg_z16)):
+                lo, hi = _halves((src & mask) | 0x64006400, dtype)
+                got += [lo * scale + offset, hi * scale + offset]
+    else:
+        neg_z, _ = _halves((z | 0xC300) * 0x10001, dtype)  # -(128 + z)
+        for shift in (0, 4, 8, 12):
+            lo, hi = _halves(((words >> shift) & 0x000F000F) | 0x43004300, dtype)
+            got += [lo + neg_z, hi + neg_z]
+    assert torch.equal(torch.stack(got, dim=1), expected)
+    assert "lop3.b32" in triton_int4._dot_ptx(bf16=dtype == torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------

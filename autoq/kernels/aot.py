@@ -184,7 +184,7 @@ def kernel_source(job: Job) -> KernelSource:
                 "y_ptr": out}
         if c.kernel == "gemv":
             return KernelSource(triton_int4._int4_gemv_kernel, ptrs,
-                                triton_int4.gemv_constexprs(c, job.group_size, False),
+                                triton_int4.gemv_constexprs(c, job.group_size, False, dtype, True),
                                 c.num_warps, c.num_stages, c.block_n * c.block_k)
         if c.kernel == "mm":
             return KernelSource(triton_int4._int4_mm_kernel, ptrs,
@@ -320,6 +320,15 @@ def stage_bytes(ttgir: str) -> int:
     return total
 
 
+def _describe(err: BaseException) -> str:
+    """One line for a compile error: its kind, where, and the cause Triton wraps."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip(" ^")]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    if err.__cause__ is not None:
+        text += f" ({type(err.__cause__).__name__}: {str(err.__cause__).splitlines()[0]})"
+    return text.replace("|", "/")[:300]
+
+
 def compile_job(job: Job, source_for: Callable[[Job], KernelSource] = kernel_source) -> Result:
     """Compile one job and read its figures; a compile error is returned, not raised."""
     start = time.perf_counter()
@@ -328,7 +337,7 @@ def compile_job(job: Job, source_for: Callable[[Job], KernelSource] = kernel_sou
         source = source_for(job)
         compiled = compile_source(source, job.arch)
     except Exception as err:  # noqa: BLE001 - any compiler failure is a finding to report
-        result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+        result.error = _describe(err)
         result.seconds = time.perf_counter() - start
         return result
     cubin = compiled.asm["cubin"]
