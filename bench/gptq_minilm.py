@@ -15,6 +15,7 @@ Hessian schedules for GPTQ:
     HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py --threads 1 \
         --formats int4_g128 int4_g32 int8 --schedule sequential block parallel batched --damp 0.01 0.1
     HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py --threads 1 --search-cost --damp 0.1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/gptq_minilm.py --threads 1 --schedule batched --damp 0.1 --no-clip-search
 
 Results: bench/results/gptq-minilm.md.
 """
@@ -67,6 +68,14 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+# GPTQ's int4 fit: the MSE clip search of primitives.quantize_int4_asymmetric unless --no-clip-search.
+CLIP_SEARCH = True
+
+
+def int4_fit(w_group: torch.Tensor) -> gptq.Int4GroupParams:
+    return gptq.fit_int4(w_group, clip_search=CLIP_SEARCH)
+
+
 def int4_group_size(fmt: str) -> int | None:
     """``int4_g128`` -> 128; ``int8`` (symmetric per output channel) -> None."""
     if fmt == "int8":
@@ -90,7 +99,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, fmt: str, damp: float, block_s
     if group_size is None:
         group_size, fit, fake_quant = w.shape[1], gptq.fit_int8, gptq.fake_quant_int8
     else:
-        fit, fake_quant = gptq.fit_int4, gptq.fake_quant_int4
+        fit, fake_quant = int4_fit, gptq.fake_quant_int4
     try:
         result = gptq.gptq_quantize(w.float(), h, group_size, fit, fake_quant, block_size=block_size, damp=damp)
     except gptq.DegenerateHessian as e:
@@ -192,7 +201,7 @@ def quantize_gptq_batched(
         if group_size is None:
             quantizer = (k, gptq.fit_int8, gptq.fake_quant_int8)
         else:
-            quantizer = (group_size, gptq.fit_int4, gptq.fake_quant_int4)
+            quantizer = (group_size, int4_fit, gptq.fake_quant_int4)
         results = gptq.gptq_quantize_many(
             [layers[n].weight for n in names], [prepared[id(accs[n])] for n in names], *quantizer,
             block_size=block_size,
@@ -232,7 +241,7 @@ def search_cost(model: nn.Module, calibration: list[dict], damp: float, block_si
             if group_size is None:
                 quantizer = (k, gptq.fit_int8, gptq.fake_quant_int8)
             else:
-                quantizer = (group_size, gptq.fit_int4, gptq.fake_quant_int4)
+                quantizer = (group_size, int4_fit, gptq.fake_quant_int4)
             gptq.gptq_quantize_many(
                 [weights[n] for n in names], [prepared[n] for n in names], *quantizer, block_size=block_size
             )
@@ -257,7 +266,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--search-cost", action="store_true",
                         help="only time every layer in every weight format, RTN vs GPTQ (see search_cost)")
+    parser.add_argument("--no-clip-search", action="store_true",
+                        help="GPTQ's int4 fit uses plain min/max ranges (RTN keeps its clip search)")
     args = parser.parse_args()
+    global CLIP_SEARCH
+    CLIP_SEARCH = not args.no_clip_search
     if args.threads:
         torch.set_num_threads(args.threads)
 
