@@ -2,7 +2,8 @@
 
 Each layer's weight is replaced by its dequantized float weight (autoq's quantized modules are not
 used), then the held-out embedding cosine against the float model is measured on
-``tests/conftest.py`` ``UNSEEN_SENTENCES`` (mean-pooled ``last_hidden_state``, attention mask).
+``tests/conftest.py`` ``UNSEEN_SENTENCES`` and on this script's ``OTHER_SENTENCES``
+(mean-pooled ``last_hidden_state`` with the attention mask, then cosine).
 
 Hessian schedules for GPTQ:
 - ``sequential``: layers in forward order, one stage per distinct layer input (q/k/v together,
