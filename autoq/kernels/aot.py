@@ -304,19 +304,18 @@ _BITS = {"i1": 8, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "f16": 16, "bf16": 1
 
 
 def stage_bytes(ttgir: str) -> int:
-    """Shared memory staged per K step: each ``local_alloc`` in the TTGIR, a ring of
-    ``num_stages - 1`` buffers (``local_alloc : () -> memdesc<D x ...>``) counted once per buffer."""
+    """Shared memory per pipeline stage: one slot of each ring buffer the software pipeliner
+    allocates for a loop's loads (``local_alloc : () -> memdesc<S x ...>``, S slots). Buffers
+    allocated once (a register tile staged for a dot, say) are in the total only."""
     total = 0
     for line in ttgir.splitlines():
-        match = re.search(r"ttg\.local_alloc(.*?)-> !ttg\.memdesc<([0-9x]+)x([a-z0-9]+),", line)
+        match = re.search(r"ttg\.local_alloc\s*:\s*\(\)\s*-> !ttg\.memdesc<([0-9x]+)x([a-z0-9]+),",
+                          line)
         if match is None:
             continue
-        dims = [int(d) for d in match.group(2).split("x")]
-        elem_bits = _BITS.get(match.group(3), 32)
-        ring = match.group(1).strip().startswith(": ()")
-        if ring and len(dims) > 1:
-            dims = dims[1:]
-        total += math.prod(dims) * elem_bits // 8
+        dims = [int(d) for d in match.group(1).split("x")]
+        if len(dims) > 1:
+            total += math.prod(dims[1:]) * _BITS.get(match.group(2), 32) // 8
     return total
 
 
@@ -409,8 +408,8 @@ def markdown(results: list[Result], title: str, seconds: float) -> str:
         f"triton {triton.__version__}; `python -m autoq.kernels.aot"
         f"{' --all' if title == 'all candidates' else ''}`; {len(results)} compiles in "
         f"{seconds:.0f} s on {os.cpu_count()} CPUs. *default* = `tuning.default_config` "
-        "(runs when tuning is off); smem/stage = shared memory staged per K step (a ring buffer "
-        "counted once); spills = STL/LDL instructions; tc = tensor-core instruction in the SASS; "
+        "(runs when tuning is off); smem = shared memory per block; smem/stage = one slot of the "
+        "software pipeline's ring buffers (the loads of one K step); spills = STL/LDL instructions; tc = tensor-core instruction in the SASS; "
         "instr/weight = SASS instructions of the GEMV main loop per weight (per thread).",
         "",
         "| kernel | config | default | dtype | arch | regs | smem KiB | smem/stage KiB | spills "

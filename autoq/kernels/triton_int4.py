@@ -295,6 +295,7 @@ def _int4_mm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)  # word rows of a tile
     m_mask = offs_m < M
     n_mask = offs_n < N
     shifts = nibble_shift(offs_k % 8)  # tile starts are multiples of 8
@@ -308,14 +309,22 @@ def _int4_mm_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
-        # Each word is loaded by the 8 rows of K it holds; the repeats are served by L1.
-        words = tl.load(qw_ptr + (ks // 8)[:, None] * N + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0)
+        # Each packed word is loaded once, [BLOCK_K / 8, BLOCK_N], and repeated in registers
+        # for the 8 K rows it holds.
+        ws = k0 + 8 * offs_w
+        words = tl.load(qw_ptr + (ws // 8)[:, None] * N + offs_n[None, :],
+                        mask=(ws < k_end)[:, None] & n_mask[None, :], other=0)
+        words = tl.reshape(tl.broadcast_to(words[:, None, :], (BLOCK_K // 8, 8, BLOCK_N)),
+                           (BLOCK_K, BLOCK_N))
         group = k0 // GROUP_SIZE
         scale = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        magic_zero = magic_float(tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0))
-        w = (magic_float((words >> shifts[:, None]) & 0xF) - magic_zero[None, :]) * scale[None, :]
-        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        zero = tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0).to(tl.int8)
+        # q - z is an exact small integer: int8 until the dot operand (so that Triton stages
+        # it in shared memory as int8, like the int8 kernel), exact in the activation dtype;
+        # the tile lies in one group, so its scale applies to the tile's product per column.
+        q = ((words >> shifts[:, None]) & 0xF).to(tl.int8)
+        w = (q - zero[None, :]).to(a.dtype)
+        acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
 
     y = acc
     if HAS_BIAS:
