@@ -201,7 +201,11 @@ def test_queue_limit_is_429(tmp_path):
 def test_event_stream_limit_is_429(tmp_path):
     with make_client(tmp_path, max_event_streams=2) as client:
         job = submit(client)
-        client.app.state.streams.open["testclient"] = 2  # two streams are open
+        client.post(f"/v1/jobs/{job['id']}/cancel")  # its stream ends
+        slots = client.app.state.streams
+        assert client.get(f"/v1/jobs/{job['id']}/events").status_code == 200
+        assert slots.open == {}  # given back when the stream ended
+        slots.open["testclient"] = 2  # two streams are open
         response = client.get(f"/v1/jobs/{job['id']}/events")
         assert response.status_code == 429 and "event streams" in response.json()["detail"]
 

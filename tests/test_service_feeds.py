@@ -27,7 +27,7 @@ def test_streams_share_one_poller_and_miss_nothing(tmp_path):
 
     async def follow(after: int) -> list[int]:
         ids = []
-        async for chunk in event_stream(feeds, job.id, after, lambda: None):
+        async for chunk in event_stream(feeds, job.id, after):
             if chunk.startswith("id: "):
                 ids.append(int(chunk.split("\n", 1)[0][4:]))
                 pollers.append(feeds.pollers())

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,8 +114,7 @@ class Feeds:
             queue.put_nowait(END)
 
 
-async def event_stream(feeds: Feeds, job_id: str, after: int,
-                       release: Callable[[], None]) -> AsyncIterator[str]:
+async def event_stream(feeds: Feeds, job_id: str, after: int) -> AsyncIterator[str]:
     """A job's events after ``after``; ends once the job is finished and every event was sent."""
     queue = feeds.subscribe(job_id, after)
     try:
@@ -141,4 +140,3 @@ async def event_stream(feeds: Feeds, job_id: str, after: int,
                 after = item.seq
     finally:
         feeds.unsubscribe(job_id, queue)
-        release()

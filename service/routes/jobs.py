@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.jobs import ARTIFACT_FILE, artifact_dir
 from service.models import resolve_model
@@ -169,11 +171,23 @@ def job_events(
     slots: StreamSlots = request.app.state.streams
     client = client_key(request)
     slots.take(client, settings.max_event_streams)
-    stream = event_stream(request.app.state.feeds, job_id, start,
-                          lambda: slots.give_back(client))
-    return StreamingResponse(stream,
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStreamResponse(event_stream(request.app.state.feeds, job_id, start),
+                               release=lambda: slots.give_back(client))
+
+
+class EventStreamResponse(StreamingResponse):
+    """An event stream that gives its slot back however it ends (even before it started)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 # -- actions ---------------------------------------------------------------------------------
