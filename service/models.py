@@ -42,6 +42,14 @@ class Space:
         self._stored = 0  # reserved bytes that count against the quota (unpacked models)
         self._disk = 0  # reserved bytes of disk (the above and archives being received)
 
+    def available(self, settings: Settings, store: Store) -> int:
+        """Bytes an upload may still unpack to: under the quota and above the free-space floor."""
+        with self._lock:
+            quota = settings.storage_quota_bytes - store.storage_used() - self._stored
+            settings.shared.mkdir(parents=True, exist_ok=True)
+            disk = shutil.disk_usage(settings.shared).free - self._disk - settings.min_free_bytes
+        return min(quota, disk)
+
     @contextmanager
     def reserve(self, settings: Settings, store: Store, size: int, what: str, *,
                 quota: bool = True) -> Iterator[None]:
@@ -92,6 +100,7 @@ def store_upload(settings: Settings, store: Store, archive: Path, name: str, sha
 
         try:
             unpacked = unpack(archive, work, settings.max_extracted_bytes,
+                              space_left=SPACE.available(settings, store),
                               check_space=check_space, limits=limits_of(settings))
             final = settings.models_dir / model_id
             os.replace(unpacked.path, final)

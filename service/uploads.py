@@ -143,9 +143,25 @@ class _CheckedTarInfo(tarfile.TarInfo):
     _proc_gnusparse_10 = _proc_gnusparse_00
 
 
-def _tar_members(archive: tarfile.TarFile, max_bytes: int) -> list[_Member]:
+@dataclass
+class _Budget:
+    """The sum of the declared member sizes, refused as soon as it passes a limit."""
+
+    max_bytes: int
+    space_left: int | None  # what the server can still store (quota, free disk), if known
+    declared: int = 0
+
+    def add(self, size: int) -> None:
+        self.declared += size
+        if self.declared > self.max_bytes:
+            raise TooLarge(f"the archive unpacks to more than the limit of {self.max_bytes} bytes")
+        if self.space_left is not None and self.declared > self.space_left:
+            raise TooLarge(f"the archive unpacks to more than the {max(self.space_left, 0)} "
+                           f"bytes the server can still store (storage quota, free disk space)")
+
+
+def _tar_members(archive: tarfile.TarFile, budget: _Budget) -> list[_Member]:
     members: list[_Member] = []
-    declared = 0
     for count, info in enumerate(archive, start=1):
         if count > MAX_MEMBERS:
             raise TooLarge(f"archive has more than {MAX_MEMBERS} members")
@@ -155,9 +171,7 @@ def _tar_members(archive: tarfile.TarFile, max_bytes: int) -> list[_Member]:
         if info.isdir():
             members.append(_Member(parts, True, 0, None))
         elif info.isreg() and not info.issparse():
-            declared += info.size
-            if declared > max_bytes:
-                raise TooLarge(f"the archive unpacks to more than the limit of {max_bytes} bytes")
+            budget.add(info.size)
             members.append(_Member(parts, False, info.size,
                                    lambda info=info: archive.extractfile(info)))  # type: ignore[misc]
         else:
@@ -166,12 +180,11 @@ def _tar_members(archive: tarfile.TarFile, max_bytes: int) -> list[_Member]:
     return members
 
 
-def _zip_members(archive: zipfile.ZipFile, max_bytes: int) -> list[_Member]:
+def _zip_members(archive: zipfile.ZipFile, budget: _Budget) -> list[_Member]:
     infos = archive.infolist()
     if len(infos) > MAX_MEMBERS:
         raise TooLarge(f"archive has more than {MAX_MEMBERS} members")
     members: list[_Member] = []
-    declared = 0
     for info in infos:
         parts = safe_parts(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no type
@@ -185,9 +198,7 @@ def _zip_members(archive: zipfile.ZipFile, max_bytes: int) -> list[_Member]:
         if info.is_dir():
             members.append(_Member(parts, True, 0, None))
             continue
-        declared += info.file_size
-        if declared > max_bytes:
-            raise TooLarge(f"the archive unpacks to more than the limit of {max_bytes} bytes")
+        budget.add(info.file_size)
         members.append(_Member(parts, False, info.file_size,
                                lambda info=info: archive.open(info)))  # type: ignore[misc]
     return members
@@ -211,21 +222,24 @@ def _open_archive(path: Path) -> tuple[str, tarfile.TarFile | zipfile.ZipFile]:
 
 
 def unpack(archive_path: Path, dest: Path, max_bytes: int, *,
+           space_left: int | None = None,
            check_space: Callable[[int], None] | None = None,
            limits: ModelLimits | None = None) -> UnpackedModel:
     """Unpack ``archive_path`` into the new directory ``dest`` and validate the model in it.
 
-    Every header is read and checked first; ``check_space(declared_bytes)`` may then refuse
-    (raise :class:`TooLarge`) before anything is written.
+    Every header is read and checked first, the scan stopping as soon as the declared sizes pass
+    ``max_bytes`` or ``space_left``; ``check_space(declared_bytes)`` may then refuse (raise
+    :class:`TooLarge`) before anything is written.
     """
+    budget = _Budget(max_bytes, space_left)
     kind, archive = _open_archive(archive_path)
     total = files = 0
     try:
         with archive:
             if isinstance(archive, zipfile.ZipFile):
-                members = _zip_members(archive, max_bytes)
+                members = _zip_members(archive, budget)
             else:
-                members = _tar_members(archive, max_bytes)
+                members = _tar_members(archive, budget)
             declared = sum(member.size for member in members)
             if check_space is not None:
                 check_space(declared)

@@ -303,3 +303,10 @@ def test_model_path_errors_are_client_errors(tmp_path):
             resolve_model(settings, store, spec)
         assert raised.value.status == status, (spec[:80], raised.value)
         assert str(raised.value)
+
+
+def test_scan_stops_at_the_space_left(tmp_path):
+    files = {"config.json": json.dumps(BERT).encode(), "model.safetensors": weights()}
+    with pytest.raises(TooLarge, match="can still store"):
+        unpack_bytes(tmp_path, tar_of(files), space_left=100)
+    assert not (tmp_path / "out").exists()

@@ -68,12 +68,13 @@ async def upload_model(
         raise TooLarge(f"model archive larger than the limit of {settings.max_upload_bytes} bytes")
     part = settings.tmp_dir / f"upload-{uuid.uuid4().hex}.part"
     try:
+        # Held while the body arrives; once it is on disk, the free space counts it.
         with SPACE.reserve(settings, store, expected, "the archive", quota=False):
             size, sha256 = await receive_to_file(request, part, settings.max_upload_bytes)
-            if size == 0:
-                raise ArchiveError("empty request body: send the model archive (tar or zip)")
-            model = await run_in_threadpool(store_upload, settings, store, part,
-                                            name or "upload", sha256)
+        if size == 0:
+            raise ArchiveError("empty request body: send the model archive (tar or zip)")
+        model = await run_in_threadpool(store_upload, settings, store, part, name or "upload",
+                                        sha256)
     finally:
         part.unlink(missing_ok=True)
     response.headers["Location"] = f"/v1/models/{model.id}"
