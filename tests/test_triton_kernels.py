@@ -279,6 +279,32 @@ def test_packed_gemv_bit_tricks(dtype):
     assert "lop3.b32" in triton_int4._dot_ptx(bf16=dtype == torch.bfloat16)
 
 
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``selector[4i:4i+3]`` of
+    the 8 bytes ``b:a``."""
+    pool = (a & 0xFFFFFFFF) | ((b & 0xFFFFFFFF) << 32)
+    return sum(((pool >> (8 * ((selector >> (4 * i)) & 0x7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def test_packed_int8_gemv_bit_tricks():
+    """The integer steps of the CUDA int8 GEMV's PTX (``triton_int8._int8_dot_ptx``), replayed:
+    flip the sign bits, prmt two bytes under 0x64 (fp16 1024 + u), add -1152."""
+    from autoq.kernels import triton_int8
+
+    q = torch.arange(-128, 128, dtype=torch.int64).reshape(-1, 4)  # 4 weights per word
+    words = ((q & 0xFF) << (8 * torch.arange(4))).sum(dim=1)
+    got = []
+    for w in words.tolist():
+        t = w ^ 0x80808080
+        for selector in (0x4140, 0x4342):
+            pair = torch.tensor([_prmt(t, 0x64646464, selector)])
+            lo, hi = _halves(pair, torch.float16)
+            minus = _halves(torch.tensor([0xE480E480]), torch.float16)[0]
+            got += [float(lo + minus), float(hi + minus)]
+    assert got == q.reshape(-1).tolist()
+    assert "prmt.b32 a, t, 0x64646464, 0x4140;" in triton_int8._int8_dot_ptx()
+
+
 # --------------------------------------------------------------------------------------------
 # Through the modules and the dispatch
 # --------------------------------------------------------------------------------------------

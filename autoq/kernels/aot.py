@@ -14,7 +14,7 @@ M buckets, the shapes and group sizes below) in bf16 and fp16 — a long sweep, 
 
 It exits non-zero, naming each problem, when a kernel does not compile, when a default
 configuration needs more shared memory than a block gets or spills registers to local memory,
-or when a default GEMV main loop exceeds its instruction budget per weight.
+or when a default GEMV main loop (bf16 / fp16) exceeds its instruction budget per weight.
 
 Instructions per weight: SASS instructions in the loop body (one iteration, per thread) divided by
 the weights one thread handles per iteration (``BLOCK_N * BLOCK_K / (32 * num_warps)``). A
@@ -51,7 +51,8 @@ ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K) of Llama-style linears
 GROUP_SIZES = (32, 64, 128)
-# SASS instructions per weight allowed in a default GEMV main loop (see the module docstring).
+# SASS instructions per weight allowed in a default GEMV main loop with 16-bit activations (fp32
+# activations take the plain fp32 path: reported, not held to it). See the module docstring.
 GEMV_BUDGET = {"int4": 2.5, "int8_weight_only": 2.5}
 SAMPLE_SIZE = 8  # non-default candidates compiled by the default (CI) run
 TENSOR_CORE_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA")
@@ -155,8 +156,8 @@ def all_jobs(archs: Iterable[int] = ARCHS) -> list[Job]:
                         add(Job(family, quantize, dtype, arch, None, True))
                 for _, k in SHAPES:
                     for m in tuning.M_BUCKETS:
-                        default = tuning.default_config(traits, m, k, group)
-                        for dtype in _DTYPES:
+                        for dtype, torch_dtype in _DTYPES.items():
+                            default = tuning.default_config(traits, m, k, group, torch_dtype)
                             add(Job(family, default, dtype, arch, group, True))
                         for config in tuning.candidates(traits, m, k, group):
                             for dtype in ("bf16", "fp16"):
@@ -195,8 +196,9 @@ def kernel_source(job: Job) -> KernelSource:
                             {"GROUP_SIZE": job.group_size, **triton_int4.DEQUANT_BLOCKS}, 4, 3)
     w_ptrs = {"x_ptr": act, "w_ptr": "i8", "s_ptr": "fp32", "bias_ptr": act, "y_ptr": out}
     if c.kernel == "gemv":
-        return KernelSource(triton_int8._int8_gemv_kernel, w_ptrs,
-                            triton_int8.gemv_constexprs(c, False),
+        packed = act != "fp32"  # what the wrapper runs for in-bounds, aligned shapes
+        kernel = triton_int8._int8_gemv_packed_kernel if packed else triton_int8._int8_gemv_kernel
+        return KernelSource(kernel, w_ptrs, triton_int8.gemv_constexprs(c, False, packed, dtype),
                             c.num_warps, c.num_stages, c.block_n * c.block_k)
     if c.kernel == "dequant":
         return KernelSource(triton_int8._int8_dequantize_kernel,
@@ -372,7 +374,7 @@ def problems(result: Result, budget: dict[str, float] = GEMV_BUDGET) -> list[str
             out.append(f"{where}: default config spills registers ({result.spills} local-memory "
                        f"accesses, {result.stack}-byte stack)")
         limit = budget.get(job.family)
-        if job.config.kernel == "gemv" and limit is not None:
+        if job.config.kernel == "gemv" and limit is not None and job.dtype != "fp32":
             if result.per_weight is None:
                 out.append(f"{where}: no GEMV main loop found in the SASS")
             elif result.per_weight > limit:
@@ -446,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the GEMV budget (SASS instructions per weight)")
     parser.add_argument("--workers", type=int, default=None, help="compile processes")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9's default, minus its warning
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot: unset TRITON_INTERPRET: under the interpreter kernels do not compile",
               file=sys.stderr)

@@ -82,7 +82,7 @@ class TritonKernel:
         if x.device.type != "cuda" or interpreting():
             return tuning.fixed_config(self.traits, m)
         if not tuning.autotune_enabled():
-            return tuning.default_config(self.traits, m, k, group)
+            return tuning.default_config(self.traits, m, k, group, x.dtype)
         tuner = tuning.tuner_for(x.device)
         key = tuning.tuning_key(self.traits, x.dtype, m, n, k, group)
         config = tuner.get(key)
@@ -113,8 +113,10 @@ class Int8DynamicTriton(TritonKernel):
 
 @register_kernel("triton", Int8WeightOnly)
 class Int8WeightOnlyTriton(TritonKernel):
-    traits = Traits("int8_weight_only", weight_only=True, default_gemv_block_n=32,
-                    gemv_tiles=((16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (8, 512)))
+    traits = Traits("int8_weight_only", weight_only=True, default_gemv_block_n=64,
+                    default_gemv_block_k=512,
+                    gemv_tiles=((16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (8, 512),
+                                (64, 512), (128, 256)))
 
     def prepare(self, weight: QuantizedWeight) -> Int8Weight:
         return prepare_int8(weight.qweight, weight.scale)

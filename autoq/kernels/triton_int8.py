@@ -223,6 +223,93 @@ def _int8_gemv_kernel(
     write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, SPLIT_K)
 
 
+# The CUDA GEMV for 16-bit activations dequantizes two weights per instruction into fp16 pairs.
+# prmt (byte permute) puts two weight bytes under the high byte 0x64 of two fp16 halves: the
+# fp16 1024 + u, for u = q + 128 (the sign bit flipped first, one xor per 4 weights), so one
+# add of -1152 gives the exact q. Products are summed in fp16 pairs over 16 weights, then in
+# fp32. Activations enter as fp16 pairs divided by X_PRESCALE (bf16 ones converted, once per
+# thread and K chunk), so that the fp16 sums stay in range.
+X_PRESCALE = tl.constexpr(256.0)
+
+
+def _int8_dot_ptx() -> str:
+    """PTX: fp32 sum of 16 weights ($1..$4: 4 words of 4 int8) times 16 activations ($5..$12:
+    fp16 pairs (x[2t], x[2t + 1]) / X_PRESCALE)."""
+    lines = ["{", ".reg .b32 t, a, b, acc, m, lo32, hi32;", ".reg .b16 lo, hi;",
+             "mov.b32 m, 0xE480E480;", "mov.b32 acc, 0;"]  # fp16 -1152 in both halves
+    for r in range(4):
+        lines += [f"xor.b32 t, ${1 + r}, 0x80808080;",
+                  "prmt.b32 a, t, 0x64646464, 0x4140;", "prmt.b32 b, t, 0x64646464, 0x4342;",
+                  "add.f16x2 a, a, m;", "add.f16x2 b, b, m;",
+                  f"fma.rn.f16x2 acc, a, ${5 + 2 * r}, acc;",
+                  f"fma.rn.f16x2 acc, b, ${6 + 2 * r}, acc;"]
+    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 lo32, lo;", "cvt.f32.f16 hi32, hi;",
+              "add.f32 $0, lo32, hi32;", "}"]
+    return "\n".join(lines)
+
+
+def _int8_x_ptx(bf16: bool) -> str:
+    """PTX: 16 activations from one 16-byte-aligned address ($8) as 8 fp16 pairs ($0..$7),
+    divided by X_PRESCALE (exact in fp16; bf16 via fp32, correctly rounded to fp16)."""
+    lines = ["{", ".reg .b32 p<8>, s, f0, f1;"]
+    lines += ["ld.global.nc.v4.b32 {p0, p1, p2, p3}, [$8];",
+              "ld.global.nc.v4.b32 {p4, p5, p6, p7}, [$8 + 16];"]
+    if bf16:
+        lines.append("mov.b32 s, 0x3B800000;")  # fp32 1/256
+        for i in range(8):
+            lines += [f"shl.b32 f0, p{i}, 16;", f"and.b32 f1, p{i}, 0xFFFF0000;",
+                      "mul.f32 f0, f0, s;", "mul.f32 f1, f1, s;",
+                      f"cvt.rn.f16x2.f32 ${i}, f1, f0;"]
+    else:
+        lines.append("mov.b32 s, 0x1C001C00;")  # fp16 1/256
+        lines += [f"mul.rn.f16x2 ${i}, p{i}, s;" for i in range(8)]
+    return "\n".join(lines + ["}"])
+
+
+_INT8_DOT_PTX = tl.constexpr(_int8_dot_ptx())
+_INT8_X_PTX_FP16 = tl.constexpr(_int8_x_ptx(bf16=False))
+_INT8_X_PTX_BF16 = tl.constexpr(_int8_x_ptx(bf16=True))
+_LOAD16_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
+@triton.jit
+def _int8_gemv_packed_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    N, K, stride_xm, stride_wn, stride_ym, stride_b,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BF16: tl.constexpr,
+):
+    # CUDA only, every tile in bounds, 16-byte aligned rows (wrapper). The tile is
+    # [BLOCK_N rows, BLOCK_K / 16 chunks of 16 weights]; loads are PTX, so that Triton keeps
+    # weights, activations and results in one layout (its own loads would each get a layout
+    # of their own, and shuffles through shared memory between them).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_K // 16) * 16
+    k_start, k_end = split_k_range(K, pid_k, SPLIT_K, BLOCK_K)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]  # [rows, chunks]
+    x_chunks = x_ptr + row * stride_xm + offs_c[None, :]  # [1, chunks]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            _LOAD16_PTX, "=r,=r,=r,=r,l", [w_rows + k0], dtype=(tl.int32,) * 4, is_pure=True,
+            pack=1)
+        x = tl.inline_asm_elementwise(
+            _INT8_X_PTX_BF16 if BF16 else _INT8_X_PTX_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,l",
+            [x_chunks + k0], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        acc += tl.inline_asm_elementwise(_INT8_DOT_PTX, "=r" + ",r" * 12, (w0, w1, w2, w3) + x,
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    y = tl.sum(acc, axis=1) * (tl.load(s_ptr + offs_n) * X_PRESCALE)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + offs_n * stride_b).to(tl.float32)
+    write_result(y_ptr + row * stride_ym + offs_n, y, offs_n < N, SPLIT_K)
+
+
 @triton.jit
 def _int8_weight_only_mm_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
@@ -286,10 +373,23 @@ def dequantize_int8(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def gemv_constexprs(config: KernelConfig, has_bias: bool) -> dict:
-    """The GEMV kernel's compile-time arguments for ``config`` (shared with ``aot.py``)."""
-    return dict(HAS_BIAS=has_bias, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                SPLIT_K=config.split_k)
+def gemv_constexprs(config: KernelConfig, has_bias: bool, packed: bool = False,
+                    dtype: torch.dtype | None = None) -> dict:
+    """The GEMV kernels' compile-time arguments for ``config`` (shared with ``aot.py``)."""
+    out = dict(HAS_BIAS=has_bias, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+               SPLIT_K=config.split_k)
+    return {**out, "BF16": dtype == torch.bfloat16} if packed else out
+
+
+def gemv_packed(x: torch.Tensor, w: Int8Weight, config: KernelConfig) -> bool:
+    """Whether the packed CUDA GEMV runs: 16-bit activations, every tile in bounds, and rows of
+    x and the weight that start 16-byte aligned (its loads are 16 bytes wide)."""
+    n, k = w.qweight.shape
+    return (x.dtype in (torch.float16, torch.bfloat16) and not interpreting()
+            and n % config.block_n == 0 and k % (config.block_k * config.split_k) == 0
+            and config.block_k % 16 == 0
+            and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+            and w.qweight.data_ptr() % 16 == 0 and w.qweight.stride(0) % 16 == 0)
 
 
 def weight_only_mm_constexprs(config: KernelConfig, has_bias: bool, dtype: torch.dtype) -> dict:
@@ -310,10 +410,11 @@ def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor |
     y = output_buffer(m, n, x.dtype, x.device, config.split_k)
     bias_arg, stride_b = (bias, bias.stride(0)) if bias is not None else (y, 0)
     if config.kernel == "gemv":
+        packed = gemv_packed(x, w, config)
         grid = (triton.cdiv(n, config.block_n), config.split_k, m)
-        _int8_gemv_kernel[grid](
+        (_int8_gemv_packed_kernel if packed else _int8_gemv_kernel)[grid](
             x, w.qweight, w.scale, bias_arg, y, n, k, x.stride(0), w.qweight.stride(0), y.stride(0),
-            stride_b, **gemv_constexprs(config, bias is not None),
+            stride_b, **gemv_constexprs(config, bias is not None, packed, x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     elif config.kernel == "mm":

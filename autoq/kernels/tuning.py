@@ -45,6 +45,7 @@ class Traits:
     weight_only: bool  # float activations: the GEMV and dequantize + cuBLAS paths exist
     gemv_tiles: tuple[tuple[int, int], ...] = ()  # (block_n, block_k) candidates for M <= 4
     default_gemv_block_n: int = 32
+    default_gemv_block_k: int = 256
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,22 @@ def fixed_config(traits: Traits, m: int) -> KernelConfig:
     return _mm(32, 32, 32, group_m=4)
 
 
-def default_config(traits: Traits, m: int, k: int, group_size: int | None) -> KernelConfig:
-    """A reasonable CUDA configuration when tuning is disabled."""
+def default_config(traits: Traits, m: int, k: int, group_size: int | None,
+                   dtype: torch.dtype | None = None) -> KernelConfig:
+    """A reasonable CUDA configuration when tuning is disabled.
+
+    fp32 activations take fp32 ("ieee") dots, which Triton computes with FMAs in registers:
+    smaller tiles, so that they do not spill (``python -m autoq.kernels.aot`` checks)."""
     bk_limit = group_size or 256
     if m == 1 and traits.weight_only:
-        return _gemv(traits.default_gemv_block_n, 256, 4 if k >= 4096 else 1)
+        return _gemv(traits.default_gemv_block_n, traits.default_gemv_block_k,
+                     4 if k >= 4096 else 1)
+    if dtype == torch.float32 and traits.weight_only:
+        if m <= 16:
+            return _mm(16, 64, 32, split_k=4 if k >= 4096 else 1, num_stages=3)
+        if m <= 64:
+            return _mm(32, 64, 32, num_stages=3)
+        return _mm(64, 64, 32, num_warps=8, num_stages=3)
     if m <= 16:
         return _mm(16, 64, min(128, bk_limit), split_k=4 if k >= 4096 else 1)
     if m <= 64:
