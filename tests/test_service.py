@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import shutil
@@ -208,6 +209,13 @@ def zip_symlink() -> bytes:
     return zip_with([(info, b"/etc/passwd")])
 
 
+def long_name_bomb() -> bytes:
+    """A GNU long-name header claiming 1.4 GB, followed by 1 MB (tarfile would read it whole)."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 1_400_000_000
+    return info.tobuf(format=tarfile.GNU_FORMAT) + b"a" * 1_000_000
+
+
 BAD_ARCHIVES = {
     "traversal": (tar_with([*model_members(), tar_member("../evil.txt")]), 400, ".."),
     "nested traversal": (tar_with([*model_members(), tar_member("a/../../evil.txt")]), 400, ".."),
@@ -236,6 +244,14 @@ BAD_ARCHIVES = {
     "no weights": (tar_with([model_members()[0]]), 422, "safetensors"),
     "bad weights": (tar_with([model_members()[0], tar_member("model.safetensors",
                                                              b"\xff" * 64)]), 422, "safetensors"),
+    # Issue 14's reproductions, over HTTP.
+    "index escape": (tar_with([model_members()[0], tar_member(
+        "model.safetensors.index.json",
+        b'{"weight_map": {"w": "../../outside/model.safetensors"}}')]), 422, "shards must be"),
+    "empty weights": (tar_with(model_members()), 422, "holds no tensors"),
+    "long-name header bomb": (long_name_bomb(), 413, "extension header"),
+    "too many members": (gzip.compress(tar_with([tar_member(f"f{i}", b"")
+                                                 for i in range(10_001)])), 413, "members"),
 }
 
 
