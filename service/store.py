@@ -151,7 +151,8 @@ def new_id(prefix: str) -> str:
 def make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
+    # As many connections as the API's worker threads may want at once (SQLite's are cheap).
+    engine = create_engine(url, connect_args={"timeout": 30}, pool_size=10, max_overflow=30)
 
     # Several processes write one SQLite file: WAL lets readers run beside the writer. A
     # writing transaction starts with BEGIN IMMEDIATE, taking the write lock up front so it
@@ -198,7 +199,7 @@ class Store:
                 connection.exec_driver_sql("ALTER TABLE jobs ADD COLUMN summary JSON")
 
     def ping(self) -> None:
-        with self.engine.connect() as connection:
+        with self.engine.execution_options(autoq_read=True).connect() as connection:
             connection.execute(text("SELECT 1"))
 
     @contextmanager
