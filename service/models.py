@@ -106,9 +106,13 @@ def store_upload(settings: Settings, store: Store, archive: Path, name: str, sha
             os.replace(unpacked.path, final)
         finally:
             remove_tree(work)
-        return store.add_model(ModelRow(id=model_id, name=name, path=str(final),
-                                        size_bytes=unpacked.size_bytes, files=unpacked.files,
-                                        sha256=sha256, created_at=time.time()))
+        try:
+            return store.add_model(ModelRow(id=model_id, name=name, path=str(final),
+                                            size_bytes=unpacked.size_bytes, files=unpacked.files,
+                                            sha256=sha256, created_at=time.time()))
+        except BaseException:  # e.g. the database is down (a 503): leave nothing behind
+            remove_tree(final)
+            raise
 
 
 def delete_upload(settings: Settings, store: Store, model_id: str) -> ModelRow | None:
