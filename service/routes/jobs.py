@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -36,7 +36,6 @@ from service.schemas import (
 from service.store import RUNNING, JobRow, Store, request_summary
 from service.uploads import remove_tree
 
-log = logging.getLogger("autoq.service")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -128,17 +127,21 @@ class StreamSlots:
 
     def __init__(self) -> None:
         self.open: dict[str, int] = {}
+        self._lock = threading.Lock()  # taken on worker threads, given back on the event loop
 
     def take(self, client: str, limit: int) -> None:
-        if self.open.get(client, 0) >= limit:
-            raise Refused(429, f"{limit} event streams are open for this client already; close "
-                               f"one or poll GET /v1/jobs/{{job_id}}", {"Retry-After": "5"})
-        self.open[client] = self.open.get(client, 0) + 1
+        with self._lock:
+            if self.open.get(client, 0) >= limit:
+                raise Refused(429, f"{limit} event streams are open for this client already; "
+                                   f"close one or poll GET /v1/jobs/{{job_id}}",
+                              {"Retry-After": "5"})
+            self.open[client] = self.open.get(client, 0) + 1
 
     def give_back(self, client: str) -> None:
-        self.open[client] -= 1
-        if not self.open[client]:
-            del self.open[client]
+        with self._lock:
+            self.open[client] -= 1
+            if not self.open[client]:
+                del self.open[client]
 
 
 def client_key(request: Request) -> str:
