@@ -36,7 +36,6 @@ from service.schemas import (
 from service.store import RUNNING, JobRow, Store, request_summary
 from service.uploads import remove_tree
 
-
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 EVENT_ID = r"^[0-9]{1,18}$"
