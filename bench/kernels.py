@@ -168,6 +168,8 @@ def main() -> None:
         sys.exit("bench/kernels.py needs triton: pip install 'autoq[triton]'")
     if args.no_tune:
         os.environ["AUTOQ_AUTOTUNE"] = "0"
+    else:  # prepare() tunes the M buckets of these M values only
+        os.environ.setdefault("AUTOQ_PRETUNE_M", ",".join(str(m) for m in args.ms))
 
     shapes = SHAPES
     if args.shapes:
@@ -200,17 +202,25 @@ def main() -> None:
         for m in args.ms:
             x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
             runners = layer.runners(x)
-            for column, err in layer.max_errors(x, runners).items():
-                worst_errors[column] = max(worst_errors.get(column, 0.0), err)
+            try:
+                for column, err in layer.max_errors(x, runners).items():
+                    worst_errors[column] = max(worst_errors.get(column, 0.0), err)
+            except Exception as err:  # noqa: BLE001 - report, then time what runs
+                print(f"error check at {n}x{k} M={m} failed: {err}", file=sys.stderr)
             times = {}
             for column in COLUMNS:
                 fn = runners[column]
                 if fn is None:
                     continue
-                fn()  # compiles, and tunes our kernels for this shape on first use
-                times[column] = median_us(fn, args.rep)
+                try:
+                    fn()  # compiles (our kernels were tuned when the layer was prepared)
+                    times[column] = median_us(fn, args.rep)
+                except Exception as err:  # noqa: BLE001 - one failing column must not end the run
+                    print(f"{column} at {n}x{k} M={m} failed: {type(err).__name__}: {err}",
+                          file=sys.stderr)
+                    continue
                 results[(n, k, m, column)] = times[column]
-            base = times["bf16"]
+            base = times.get("bf16", float("nan"))
             cells = [f"{times[c]:.1f} ({base / times[c]:.2f}x)" if c in times else "n/a"
                      for c in COLUMNS]
             lines.append(f"| {n}x{k} | {m} | " + " | ".join(cells) + " |")
@@ -219,7 +229,8 @@ def main() -> None:
                 parts = []
                 for column in ("bf16", "int8_weight_only", "int4", "tinygemm"):
                     moved = layer.bytes_at_m1(column)
-                    parts.append(f"{moved / (times[column] * 1e-6) / bandwidth:.0%}")
+                    parts.append(f"{moved / (times[column] * 1e-6) / bandwidth:.0%}"
+                                 if column in times else "n/a")
                 roofline.append(f"| {n}x{k} | " + " | ".join(parts) + " |")
         del layer
         torch.cuda.empty_cache()

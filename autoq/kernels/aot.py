@@ -154,10 +154,10 @@ def all_jobs(archs: Iterable[int] = ARCHS) -> list[Job]:
                     quantize = KernelConfig("quantize", 1, 0, 0, 1, 1, 8, 1)
                     for dtype in _DTYPES:
                         add(Job(family, quantize, dtype, arch, None, True))
-                for _, k in SHAPES:
+                for n, k in SHAPES:
                     for m in tuning.M_BUCKETS:
                         for dtype, torch_dtype in _DTYPES.items():
-                            default = tuning.default_config(traits, m, k, group, torch_dtype)
+                            default = tuning.default_config(traits, m, n, k, group, torch_dtype)
                             add(Job(family, default, dtype, arch, group, True))
                         for config in tuning.candidates(traits, m, k, group):
                             for dtype in ("bf16", "fp16"):
@@ -178,11 +178,10 @@ def kernel_source(job: Job) -> KernelSource:
     from autoq.kernels import triton_int4, triton_int8
 
     c, act = job.config, job.dtype
-    out = "fp32" if c.split_k > 1 else act  # split-K adds into an fp32 buffer
     dtype = _DTYPES[act]
     if job.family == "int4":
         ptrs = {"x_ptr": act, "qw_ptr": "i32", "s_ptr": "fp16", "z_ptr": "u8", "bias_ptr": act,
-                "y_ptr": out}
+                "y_ptr": act, "sum_ptr": "fp32", "count_ptr": "i32"}
         if c.kernel == "gemv":
             return KernelSource(triton_int4._int4_gemv_kernel, ptrs,
                                 triton_int4.gemv_constexprs(c, job.group_size, False, dtype, True),
@@ -194,7 +193,8 @@ def kernel_source(job: Job) -> KernelSource:
         return KernelSource(triton_int4._int4_dequantize_kernel,
                             {"qw_ptr": "i32", "s_ptr": "fp16", "z_ptr": "u8", "out_ptr": act},
                             {"GROUP_SIZE": job.group_size, **triton_int4.DEQUANT_BLOCKS}, 4, 3)
-    w_ptrs = {"x_ptr": act, "w_ptr": "i8", "s_ptr": "fp32", "bias_ptr": act, "y_ptr": out}
+    w_ptrs = {"x_ptr": act, "w_ptr": "i8", "s_ptr": "fp32", "bias_ptr": act, "y_ptr": act,
+              "sum_ptr": "fp32", "count_ptr": "i32"}
     if c.kernel == "gemv":
         packed = act != "fp32"  # what the wrapper runs for in-bounds, aligned shapes
         kernel = triton_int8._int8_gemv_packed_kernel if packed else triton_int8._int8_gemv_kernel
@@ -211,7 +211,8 @@ def kernel_source(job: Job) -> KernelSource:
     if job.family == "int8_dynamic":
         return KernelSource(triton_int8._int8_dynamic_mm_kernel,
                             {"xq_ptr": "i8", "xs_ptr": "fp32", "w_ptr": "i8", "ws_ptr": "fp32",
-                             "bias_ptr": act, "y_ptr": out},
+                             "bias_ptr": act, "y_ptr": act, "sum_ptr": "fp32",
+                             "count_ptr": "i32"},
                             triton_int8.dynamic_mm_constexprs(c, False),
                             c.num_warps, c.num_stages, unaligned=("M",))
     return KernelSource(triton_int8._int8_weight_only_mm_kernel, w_ptrs,

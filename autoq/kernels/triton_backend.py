@@ -8,14 +8,22 @@ Paths per format, chosen by measured time per (M bucket, N, K, group size) on th
 
 - ``int8_dynamic``: fused per-token quantization, then an int8 tensor-core GEMM with a fused
   scale / bias / cast epilogue (split-K for small M).
-- ``int8_weight_only`` and ``int4``: a split-K GEMV (M <= 4), a ``tl.dot`` GEMM with in-kernel
-  dequantization (split-K for small M), or dequantize + cuBLAS.
+- ``int8_weight_only`` and ``int4``: a GEMV (M = 1; split-K only when N gives too few
+  programs), a ``tl.dot`` GEMM with in-kernel dequantization (M >= 2: it reads the weight once
+  per 16 rows; split-K for small M), or dequantize + cuBLAS.
   Rule: for M >= 17 the tuner also times dequantize-into-the-activation-dtype + cuBLAS and uses
   it where it is faster (large, compute-bound M, where cuBLAS' matmul beats ours by more than
   the one extra pass over the weight costs).
+
+Decode: every call is one kernel launch (split-K finishes in the kernel, see
+``triton_common.write_result``), and the configuration is settled at prepare time (tuned, or
+read from the tuning cache), so ``linear`` never synchronises and can be captured in a CUDA
+graph; its Python cost is a few microseconds on top of Triton's launch.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -35,6 +43,15 @@ from autoq.kernels.triton_int8 import (
 from autoq.kernels.tuning import KernelConfig, Traits
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PRETUNE_DTYPE = torch.bfloat16  # tuned at prepare time; other dtypes: the cache or the default
+
+
+def pretune_buckets() -> tuple[int, ...]:
+    """M buckets tuned at prepare time: ``AUTOQ_PRETUNE_M`` (e.g. ``1,16``), default all."""
+    text = os.environ.get("AUTOQ_PRETUNE_M", "").strip()
+    if not text:
+        return tuning.M_BUCKETS
+    return tuple(sorted({tuning.m_bucket(int(m)) for m in text.split(",") if m.strip()}))
 _INDEX_LIMIT = 2**31  # kernels index with 32-bit integers
 
 
@@ -61,8 +78,40 @@ class TritonKernel:
             return "a tensor has 2**31 elements or more, beyond the kernels' 32-bit indexing"
         return None
 
-    def prepare(self, weight: QuantizedWeight) -> Int8Weight | Int4Weight:
+    def _prepare(self, weight: QuantizedWeight) -> Int8Weight | Int4Weight:
         raise NotImplementedError
+
+    def prepare(self, weight: QuantizedWeight) -> Int8Weight | Int4Weight:
+        """The kernel's weight layout, with its block configurations settled. On CUDA with
+        tuning on, each M bucket (``AUTOQ_PRETUNE_M``, default all) is tuned here for bf16
+        activations, or read from the tuning cache, so that ``linear`` only looks
+        configurations up: it never times anything, never synchronises, and can be captured
+        in a CUDA graph."""
+        prepared = self._prepare(weight)
+        if (prepared.qweight.device.type == "cuda" and not interpreting()
+                and tuning.autotune_enabled()):
+            for m in pretune_buckets():
+                self.tune(prepared, PRETUNE_DTYPE, m)
+        return prepared
+
+    def tune(self, prepared, dtype: torch.dtype, m: int) -> KernelConfig:
+        """Settle the configuration of ``prepared`` for (dtype, M bucket of m): the tuning
+        cache's, else the fastest candidate timed on random activations (CUDA only)."""
+        n, k = prepared.out_features, prepared.in_features
+        group = getattr(prepared, "group_size", None)
+        tuner = tuning.tuner_for(prepared.qweight.device)
+        key = tuning.tuning_key(self.traits, dtype, m, n, k, group)
+        config = tuner.get(key)
+        if config is None:
+            x = torch.randn(tuning.m_bucket(m), k, device=prepared.qweight.device).to(dtype)
+
+            def time_ms(candidate: KernelConfig) -> float:
+                return triton.testing.do_bench(lambda: self.run(x, prepared, None, candidate),
+                                               warmup=5, rep=20, return_mode="median")
+
+            config = tuner.tune(key, tuning.candidates(self.traits, m, k, group), time_ms)
+        prepared.configs[(dtype, tuning.m_bucket(m))] = config
+        return config
 
     def _run(self, x: torch.Tensor, prepared, bias: torch.Tensor | None,
              config: KernelConfig) -> torch.Tensor:
@@ -73,26 +122,31 @@ class TritonKernel:
         """``linear`` with an explicit configuration (used by the tuner, tests and benchmarks)."""
         return self._run(x if x.stride(-1) == 1 else x.contiguous(), prepared, bias, config)
 
-    def choose_config(self, x: torch.Tensor, prepared, bias: torch.Tensor | None) -> KernelConfig:
-        """The configuration ``linear`` uses for this input: fixed without CUDA, else the tuned
-        one (tuned on first use of a key, by timing every candidate on ``x``)."""
-        m = x.shape[0]
+    def choose_config(self, x: torch.Tensor, prepared, bias: torch.Tensor | None = None
+                      ) -> KernelConfig:
+        """The configuration ``linear`` uses for ``x``: a dictionary lookup once warm. It is
+        the one settled at prepare time, else the tuning cache's, else ``default_config``
+        (CUDA) or ``fixed_config`` (interpreter). It never times or tunes anything."""
+        key = (x.dtype, tuning.m_bucket(x.shape[0]))
+        config = prepared.configs.get(key)
+        if config is None:
+            cuda = x.device.type == "cuda" and not interpreting()
+            config = prepared.configs[key] = self.lookup_config(prepared, x.dtype, x.shape[0],
+                                                                cuda)
+        return config
+
+    def lookup_config(self, prepared, dtype: torch.dtype, m: int, cuda: bool) -> KernelConfig:
+        """The configuration for (dtype, M) without timing anything (see ``choose_config``)."""
+        if not cuda:
+            return tuning.fixed_config(self.traits, m)
         n, k = prepared.out_features, prepared.in_features
         group = getattr(prepared, "group_size", None)
-        if x.device.type != "cuda" or interpreting():
-            return tuning.fixed_config(self.traits, m)
-        if not tuning.autotune_enabled():
-            return tuning.default_config(self.traits, m, k, group, x.dtype)
-        tuner = tuning.tuner_for(x.device)
-        key = tuning.tuning_key(self.traits, x.dtype, m, n, k, group)
-        config = tuner.get(key)
-        if config is None:
-            def time_ms(candidate: KernelConfig) -> float:
-                return triton.testing.do_bench(lambda: self.run(x, prepared, bias, candidate),
-                                               warmup=5, rep=20, return_mode="median")
-
-            config = tuner.tune(key, tuning.candidates(self.traits, m, k, group), time_ms)
-        return config
+        if tuning.autotune_enabled():
+            cached = tuning.tuner_for(prepared.qweight.device).get(
+                tuning.tuning_key(self.traits, dtype, m, n, k, group))
+            if cached is not None:
+                return cached
+        return tuning.default_config(self.traits, m, n, k, group, dtype)
 
     def linear(self, x: torch.Tensor, prepared, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -104,7 +158,7 @@ class TritonKernel:
 class Int8DynamicTriton(TritonKernel):
     traits = Traits("int8_dynamic", weight_only=False)
 
-    def prepare(self, weight: QuantizedWeight) -> Int8Weight:
+    def _prepare(self, weight: QuantizedWeight) -> Int8Weight:
         return prepare_int8(weight.qweight, weight.scale)
 
     def _run(self, x, prepared, bias, config):
@@ -118,7 +172,7 @@ class Int8WeightOnlyTriton(TritonKernel):
                     gemv_tiles=((16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (8, 512),
                                 (64, 512), (128, 256)))
 
-    def prepare(self, weight: QuantizedWeight) -> Int8Weight:
+    def _prepare(self, weight: QuantizedWeight) -> Int8Weight:
         return prepare_int8(weight.qweight, weight.scale)
 
     def _run(self, x, prepared, bias, config):
@@ -137,7 +191,7 @@ class Int4Triton(TritonKernel):
                     f"in_features={k}, got {weight.group_size}")
         return super().supports(weight, x)
 
-    def prepare(self, weight: QuantizedWeight) -> Int4Weight:
+    def _prepare(self, weight: QuantizedWeight) -> Int4Weight:
         return prepare_int4(weight.qweight, weight.scale, weight.zero_point, weight.group_size)
 
     def _run(self, x, prepared, bias, config):

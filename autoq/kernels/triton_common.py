@@ -1,9 +1,10 @@
 """Pieces shared by the Triton kernels: tile ordering, split-K, int-to-float tricks, outputs.
 
 Split-K: the K range is cut into ``SPLIT_K`` slices (each a multiple of ``BLOCK_K``); every
-slice's partial result is added atomically into an fp32 buffer, which is cast to the activation
-dtype afterwards. With ``SPLIT_K == 1`` a kernel stores its result in the activation dtype
-directly. Bias is added by the slice that starts at K = 0 only.
+slice's partial result is added atomically into a zeroed fp32 workspace that all calls share,
+and the last slice of a tile to finish writes the sum in the activation dtype and re-zeroes the
+workspace (:func:`write_result`): one launch per call. With ``SPLIT_K == 1`` a kernel stores its
+result directly. Bias is added by the slice that starts at K = 0 only.
 
 Integer to float conversion (``I2F``) runs at a quarter of the fp32 rate on recent NVIDIA GPUs and
 would bound the memory-bound GEMV paths. Instead, a small integer ``v`` is OR-ed into the
@@ -24,6 +25,11 @@ MAGIC_BITS = tl.constexpr(0x4B000000)
 MAGIC = tl.constexpr(8388608.0)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids (``triton.cdiv`` is a jit function: slow from Python)."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -38,12 +44,22 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
-def output_buffer(m: int, n: int, dtype: torch.dtype, device: torch.device,
-                  split_k: int) -> torch.Tensor:
-    """Where a kernel writes ``[m, n]``: the result itself, or a zeroed fp32 split-K buffer."""
-    if split_k == 1:
-        return torch.empty((m, n), dtype=dtype, device=device)
-    return torch.zeros((m, n), dtype=torch.float32, device=device)
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_k_workspace(device: torch.device, elements: int,
+                      tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace of ``device``: fp32 sums and int32 arrival counters, zeroed. One
+    per device, shared by every call (each call leaves it zeroed again; calls on one stream run
+    in order); replaced by a larger one when a call needs more."""
+    sums, counts = _WORKSPACES.get(device, (None, None))
+    if sums is None or sums.numel() < elements or counts.numel() < tiles:
+        old = 0 if sums is None else sums.numel()
+        sums = torch.zeros(max(elements, old), dtype=torch.float32, device=device)
+        counts = torch.zeros(max(tiles, 0 if counts is None else counts.numel(), 1),
+                             dtype=torch.int32, device=device)
+        _WORKSPACES[device] = (sums, counts)
+    return sums, counts
 
 
 @triton.jit
@@ -82,9 +98,21 @@ def split_k_range(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def write_result(ptrs, acc, mask, SPLIT_K: tl.constexpr):
-    """Store the fp32 ``acc`` in the output dtype, or add it into the fp32 split-K buffer."""
+def write_result(y_ptrs, acc, mask, sum_ptrs, count_ptr, SPLIT_K: tl.constexpr):
+    """Store the fp32 ``acc`` in y's dtype. Split-K: add it into the fp32 workspace
+    (``sum_ptrs``, same offsets as y); the last of the tile's SPLIT_K programs to arrive (an
+    atomic counter at ``count_ptr``) reads the sums, stores them in y's dtype and zeroes the
+    sums and the counter again. So a split-K call is one launch: no memset before, no cast after."""
     if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(sum_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # all of this program's sums are in before it counts itself
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # An atomic read (add 0) sees every slice's sum, wherever the caches stand.
+            total = tl.atomic_add(sum_ptrs, tl.zeros_like(acc), mask=mask, sem="acquire")
+            total = tl.where(mask, total, 0.0)  # masked lanes return no value
+            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.store(sum_ptrs, tl.zeros_like(acc), mask=mask)
+            tl.store(count_ptr, 0)

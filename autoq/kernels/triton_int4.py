@@ -29,7 +29,7 @@ Kernels:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,12 @@ import triton
 import triton.language as tl
 
 from autoq.kernels.triton_common import (
+    cdiv,
     dot_in_fp32,
     interpreting,
     magic_float,
-    output_buffer,
     split_k_range,
+    split_k_workspace,
     tile_ids,
     write_result,
 )
@@ -56,6 +57,8 @@ class Int4Weight:
     scale: torch.Tensor  # fp16 [K // G, N]
     zero_point: torch.Tensor  # uint8 [K // G, N]
     group_size: int
+    # Block configuration per (activation dtype, M bucket), settled by the backend.
+    configs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def out_features(self) -> int:
@@ -219,7 +222,7 @@ def _dot_plain(words, zero, x_row, ks, k_mask):
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, sum_ptr, count_ptr,
     N, K, stride_xm, stride_ym, stride_b,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -277,12 +280,13 @@ def _int4_gemv_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)
-    write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, SPLIT_K)
+    write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, sum_ptr + row * N + offs_n,
+                 count_ptr + row * tl.num_programs(0) + pid_n, SPLIT_K)
 
 
 @triton.jit
 def _int4_mm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, sum_ptr, count_ptr,
     M, N, K, stride_xm, stride_ym, stride_b,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -331,7 +335,8 @@ def _int4_mm_kernel(
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
-                 m_mask[:, None] & n_mask[None, :], SPLIT_K)
+                 m_mask[:, None] & n_mask[None, :], sum_ptr + offs_m[:, None] * N + offs_n[None, :],
+                 count_ptr + tl.program_id(0), SPLIT_K)
 
 
 @triton.jit
@@ -358,7 +363,7 @@ def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight, transposed: ``W^T`` as ``[K, N]`` in ``dtype`` (one pass)."""
     k, n = w.in_features, w.out_features
     out = torch.empty((k, n), dtype=dtype, device=w.qweight.device)
-    grid = (triton.cdiv(k, DEQUANT_BLOCKS["BLOCK_K"]), triton.cdiv(n, DEQUANT_BLOCKS["BLOCK_N"]))
+    grid = (cdiv(k, DEQUANT_BLOCKS["BLOCK_K"]), cdiv(n, DEQUANT_BLOCKS["BLOCK_N"]))
     _int4_dequantize_kernel[grid](w.qweight, w.scale, w.zero_point, out, n, k,
                                   GROUP_SIZE=w.group_size, **DEQUANT_BLOCKS)
     return out
@@ -407,27 +412,31 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
     if config.kernel == "dequant":
         w_t = dequantize_int4_t(w, x.dtype)
         return F.linear(x, w_t.t(), None if bias is None else bias.to(x.dtype))
-    y = output_buffer(m, n, x.dtype, x.device, config.split_k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bias_arg, stride_b = (bias, bias.stride(0)) if bias is not None else (y, 0)
     if config.kernel == "gemv":
         if x.stride(0) % 8 or x.data_ptr() % 16:  # the packed path reads x in 16-byte rows
             x = x.clone(memory_format=torch.contiguous_format)
         even = n % config.block_n == 0 and k % (config.block_k * config.split_k) == 0
-        grid = (triton.cdiv(n, config.block_n), config.split_k, m)
+        grid = (cdiv(n, config.block_n), config.split_k, m)
+        sums, counts = split_k_workspace(x.device, m * n, grid[0] * m)
         _int4_gemv_kernel[grid](
-            x, w.qweight, w.scale, w.zero_point, bias_arg, y, n, k, x.stride(0), y.stride(0),
+            x, w.qweight, w.scale, w.zero_point, bias_arg, y, sums, counts, n, k, x.stride(0),
+            y.stride(0),
             stride_b, **gemv_constexprs(config, w.group_size, bias is not None, x.dtype, even),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     elif config.kernel == "mm":
         if w.group_size % config.block_k != 0:
             raise ValueError(f"block_k={config.block_k} must divide the group size {w.group_size}")
-        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+        grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n), config.split_k)
+        sums, counts = split_k_workspace(x.device, m * n, grid[0])
         _int4_mm_kernel[grid](
-            x, w.qweight, w.scale, w.zero_point, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
+            x, w.qweight, w.scale, w.zero_point, bias_arg, y, sums, counts, m, n, k, x.stride(0),
+            y.stride(0),
             stride_b, **mm_constexprs(config, w.group_size, bias is not None, x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
         raise ValueError(f"unknown int4 kernel {config.kernel!r}")
-    return y.to(x.dtype)
+    return y

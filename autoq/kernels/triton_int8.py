@@ -31,7 +31,7 @@ int8_weight_only (W8A16)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +39,12 @@ import triton
 import triton.language as tl
 
 from autoq.kernels.triton_common import (
+    cdiv,
     dot_in_fp32,
     int8_to_float,
     interpreting,
-    output_buffer,
     split_k_range,
+    split_k_workspace,
     tile_ids,
     write_result,
 )
@@ -60,6 +61,8 @@ class Int8Weight:
 
     qweight: torch.Tensor
     scale: torch.Tensor
+    # Block configuration per (activation dtype, M bucket), settled by the backend.
+    configs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def out_features(self) -> int:
@@ -126,7 +129,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit
 def _int8_dynamic_mm_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, sum_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -157,7 +160,8 @@ def _int8_dynamic_mm_kernel(
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
-                 m_mask[:, None] & n_mask[None, :], SPLIT_K)
+                 m_mask[:, None] & n_mask[None, :], sum_ptr + offs_m[:, None] * N + offs_n[None, :],
+                 count_ptr + tl.program_id(0), SPLIT_K)
 
 
 def dynamic_mm_constexprs(config: KernelConfig, has_bias: bool) -> dict:
@@ -174,16 +178,17 @@ def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | Non
     xq, xs = quantize_per_token(x)
     m, k = xq.shape
     n = w.out_features
-    y = output_buffer(m, n, x.dtype, x.device, config.split_k)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n), config.split_k)
+    sums, counts = split_k_workspace(x.device, m * n, grid[0])
     _int8_dynamic_mm_kernel[grid](
-        xq, xs, w.qweight, w.scale, bias if bias is not None else y, y,
+        xq, xs, w.qweight, w.scale, bias if bias is not None else y, y, sums, counts,
         m, n, k, xq.stride(0), w.qweight.stride(0), y.stride(0),
         0 if bias is None else bias.stride(0),
         **dynamic_mm_constexprs(config, bias is not None),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return y.to(x.dtype)
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def int8_dynamic_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | Non
 
 @triton.jit
 def _int8_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, sum_ptr, count_ptr,
     N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -220,7 +225,8 @@ def _int8_gemv_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)
-    write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, SPLIT_K)
+    write_result(y_ptr + row * stride_ym + offs_n, y, n_mask, sum_ptr + row * N + offs_n,
+                 count_ptr + row * tl.num_programs(0) + pid_n, SPLIT_K)
 
 
 # The CUDA GEMV for 16-bit activations dequantizes two weights per instruction into fp16 pairs.
@@ -274,7 +280,7 @@ _LOAD16_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
 
 @triton.jit
 def _int8_gemv_packed_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, sum_ptr, count_ptr,
     N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BF16: tl.constexpr,
@@ -307,12 +313,13 @@ def _int8_gemv_packed_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n * stride_b).to(tl.float32)
-    write_result(y_ptr + row * stride_ym + offs_n, y, offs_n < N, SPLIT_K)
+    write_result(y_ptr + row * stride_ym + offs_n, y, offs_n < N, sum_ptr + row * N + offs_n,
+                 count_ptr + row * tl.num_programs(0) + pid_n, SPLIT_K)
 
 
 @triton.jit
 def _int8_weight_only_mm_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, sum_ptr, count_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_b,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -344,7 +351,8 @@ def _int8_weight_only_mm_kernel(
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     write_result(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y,
-                 m_mask[:, None] & n_mask[None, :], SPLIT_K)
+                 m_mask[:, None] & n_mask[None, :], sum_ptr + offs_m[:, None] * N + offs_n[None, :],
+                 count_ptr + tl.program_id(0), SPLIT_K)
 
 
 @triton.jit
@@ -367,7 +375,7 @@ def dequantize_int8(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
     """``qweight * scale`` as ``[N, K]`` in ``dtype`` (one pass)."""
     n, k = w.qweight.shape
     out = torch.empty((n, k), dtype=dtype, device=w.qweight.device)
-    grid = (triton.cdiv(n, DEQUANT_BLOCKS["BLOCK_N"]), triton.cdiv(k, DEQUANT_BLOCKS["BLOCK_K"]))
+    grid = (cdiv(n, DEQUANT_BLOCKS["BLOCK_N"]), cdiv(k, DEQUANT_BLOCKS["BLOCK_K"]))
     _int8_dequantize_kernel[grid](w.qweight, w.scale, out, n, k, w.qweight.stride(0),
                                   out.stride(0), **DEQUANT_BLOCKS)
     return out
@@ -407,24 +415,27 @@ def int8_weight_only_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor |
     n = w.out_features
     if config.kernel == "dequant":
         return F.linear(x, dequantize_int8(w, x.dtype), None if bias is None else bias.to(x.dtype))
-    y = output_buffer(m, n, x.dtype, x.device, config.split_k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bias_arg, stride_b = (bias, bias.stride(0)) if bias is not None else (y, 0)
     if config.kernel == "gemv":
         packed = gemv_packed(x, w, config)
-        grid = (triton.cdiv(n, config.block_n), config.split_k, m)
+        grid = (cdiv(n, config.block_n), config.split_k, m)
+        sums, counts = split_k_workspace(x.device, m * n, grid[0] * m)
         (_int8_gemv_packed_kernel if packed else _int8_gemv_kernel)[grid](
-            x, w.qweight, w.scale, bias_arg, y, n, k, x.stride(0), w.qweight.stride(0), y.stride(0),
+            x, w.qweight, w.scale, bias_arg, y, sums, counts, n, k, x.stride(0),
+            w.qweight.stride(0), y.stride(0),
             stride_b, **gemv_constexprs(config, bias is not None, packed, x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     elif config.kernel == "mm":
-        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+        grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n), config.split_k)
+        sums, counts = split_k_workspace(x.device, m * n, grid[0])
         _int8_weight_only_mm_kernel[grid](
-            x, w.qweight, w.scale, bias_arg, y, m, n, k,
+            x, w.qweight, w.scale, bias_arg, y, sums, counts, m, n, k,
             x.stride(0), w.qweight.stride(0), y.stride(0), stride_b,
             **weight_only_mm_constexprs(config, bias is not None, x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
         raise ValueError(f"unknown int8_weight_only kernel {config.kernel!r}")
-    return y.to(x.dtype)
+    return y

@@ -107,7 +107,25 @@ def fixed_config(traits: Traits, m: int) -> KernelConfig:
     return _mm(32, 32, 32, group_m=4)
 
 
-def default_config(traits: Traits, m: int, k: int, group_size: int | None,
+GEMV_PROGRAMS = 256  # programs an M = 1 GEMV wants in flight (~2 per SM of an H100 / H200)
+
+
+def gemv_split(n: int, k: int, block_n: int, block_k: int) -> int:
+    """Split-K of the default M = 1 GEMV: none when the N blocks alone give GEMV_PROGRAMS
+    programs (then the kernel writes y itself: one launch, no zeroed fp32 buffer, no cast);
+    else the smallest split that does, among those whose slices are whole tiles."""
+    columns = -(-n // block_n)
+    best = 1
+    for split in (1, 2, 4, 8):
+        if split > 1 and k % (block_k * split):
+            continue
+        best = split
+        if columns * split >= GEMV_PROGRAMS:
+            break
+    return best
+
+
+def default_config(traits: Traits, m: int, n: int, k: int, group_size: int | None,
                    dtype: torch.dtype | None = None) -> KernelConfig:
     """A reasonable CUDA configuration when tuning is disabled.
 
@@ -115,8 +133,10 @@ def default_config(traits: Traits, m: int, k: int, group_size: int | None,
     smaller tiles, so that they do not spill (``python -m autoq.kernels.aot`` checks)."""
     bk_limit = group_size or 256
     if m == 1 and traits.weight_only:
-        return _gemv(traits.default_gemv_block_n, traits.default_gemv_block_k,
-                     4 if k >= 4096 else 1)
+        block_n, block_k = traits.default_gemv_block_n, traits.default_gemv_block_k
+        if dtype == torch.float32:  # the plain fp32 GEMV keeps a [BLOCK_N, BLOCK_K] accumulator
+            block_n, block_k = 32, 256
+        return _gemv(block_n, block_k, gemv_split(n, k, block_n, block_k))
     if dtype == torch.float32 and traits.weight_only:
         if m <= 16:
             return _mm(16, 64, 32, split_k=4 if k >= 4096 else 1, num_stages=3)
@@ -140,7 +160,7 @@ def candidates(traits: Traits, m: int, k: int, group_size: int | None) -> list[K
     def splits(block_k: int, options: tuple[int, ...]) -> list[int]:
         return [s for s in options if s == 1 or k >= 2 * s * block_k]
 
-    if weight_only and bucket <= 4:
+    if weight_only and bucket == 1:  # M = 2..16: the GEMM reads the weight once, not M times
         tiles = traits.gemv_tiles
         for block_n, block_k in tiles:
             for split_k in splits(block_k, (1, 2, 4, 8)):
