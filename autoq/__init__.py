@@ -1,14 +1,14 @@
 """autoq: automatic per-layer quantization search for PyTorch models."""
 
 from autoq import formats
-from autoq.api import resolve, search
+from autoq.api import apply, resolve, search
 from autoq.cache import PlanCache
 from autoq.checkpoint import load_quantized, save_quantized
 from autoq.config import SearchConfig
 from autoq.modules import QuantizedLinear
 from autoq.pipeline import autoquant, quantize
 from autoq.plan import Plan
-from autoq.swap import apply, layer_formats, quantizable_layers
+from autoq.swap import layer_formats, quantizable_layers
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,8 @@ from autoq.calibration import as_batches, fingerprint
 from autoq.config import SearchConfig, loss_identity, plan_key
 from autoq.plan import LayerStats, ModelInfo, Plan, SearchStats, ShapeCount, build_plan
 from autoq.stages import Stage
-from autoq.swap import QuantizedMemo, apply, layer_shape, quantizable_layers
+from autoq.swap import LayerQuantizer, assignment_of, layer_shape, quantizable_layers
+from autoq.swap import apply as swap_layers
 
 __all__ = ["SearchConfig", "apply", "resolve", "search"]
 
@@ -93,21 +94,30 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
     seconds = {}
     start = time.perf_counter()
     prof = profile.profile(model, batches, layers, report=_stage(report, Stage.PROFILE))
+    # Each (layer, format) is quantized once per method and shared by the stages.
+    rtn = LayerQuantizer("rtn")
+    gptq = None
+    if config.method != "rtn":
+        gptq = LayerQuantizer("gptq", profile.collect_hessians(model, batches, layers))
+        gptq.precompute(layers, fmts)
     seconds[Stage.PROFILE] = time.perf_counter() - start
 
     start = time.perf_counter()
     hw_key = bench.hardware_key(hardware)
-    quantized: QuantizedMemo = {}  # each (layer, format) quantized once, shared by the stages
     timed = bench.benchmark(layers, prof, fmts, timings=cache.timings(hw_key),
-                            report=_stage(report, Stage.BENCHMARK), quantized=quantized)
+                            report=_stage(report, Stage.BENCHMARK),
+                            quantized=gptq if config.method == "gptq" else rtn)
     cache.add_timings(hw_key, timed.new_timings)
     seconds[Stage.BENCHMARK] = time.perf_counter() - start
 
     start = time.perf_counter()
     candidates = {name: [f for f in fmts if f in timed.latency[name]] for name in layers}
-    scores, failed = sensitivity.score(model, batches, layers, candidates, loss_fn=config.loss_fn,
-                                       probes=config.probes, seed=config.seed,
-                                       report=_stage(report, Stage.SENSITIVITY), quantized=quantized)
+    quantizers = {"rtn": [rtn], "gptq": [gptq], "auto": [rtn, gptq]}[config.method]
+    scored = [sensitivity.score(model, batches, layers, candidates, loss_fn=config.loss_fn,
+                                probes=config.probes, seed=config.seed, quantized=quantizer,
+                                report=_stage(report, Stage.SENSITIVITY) if i == len(quantizers) - 1 else None)
+              for i, quantizer in enumerate(quantizers)]
+    scores, failed, methods = _lowest_scores(quantizers, scored)
     seconds[Stage.SENSITIVITY] = time.perf_counter() - start
 
     stats = {}
@@ -120,13 +130,34 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
             shapes=[ShapeCount(m=m, k=k, count=c) for (m, k), c in sorted(lp.shapes.items())],
             bits={f: formats.get(f).storage_bits(out_features, in_features) for f in scores[name]},
             latency={f: t for f, t in timed.latency[name].items() if f in scores[name]},
-            sensitivity=scores[name], dropped={**timed.dropped[name], **failed[name]})
+            sensitivity=scores[name], dropped={**timed.dropped[name], **failed[name]},
+            methods={f: m for f, m in methods[name].items() if f in scores[name] and m != "rtn"})
+    notes = list(gptq.notes.values()) if gptq is not None else []
     return SearchStats(
         autoq_version=hardware["autoq"], model=model_info, calibration=calibration,
         num_batches=len(batches), hardware=hardware, formats=fmts,
         settings={"probes": config.probes, "seed": config.seed, "sqnr_floor_db": bench.SQNR_FLOOR_DB,
-                  "m_bucketing": "next power of two", "loss": _loss_description(config, batches)},
-        stage_seconds=seconds, layers=stats)
+                  "m_bucketing": "next power of two", "loss": _loss_description(config, batches),
+                  "method": config.method, "calibration_batches": len(batches)},
+        stage_seconds=seconds, layers=stats, notes=notes)
+
+
+def _lowest_scores(quantizers: list[LayerQuantizer], scored: list[tuple[dict, dict]]):
+    """Per (layer, format), the lowest score any method reached, and that method; a format is
+    dropped only when every method failed on it."""
+    scores: dict[str, dict[str, float]] = {}
+    failed: dict[str, dict[str, str]] = {}
+    methods: dict[str, dict[str, str]] = {}
+    for name in scored[0][0]:
+        scores[name], methods[name] = {}, {}
+        for quantizer, (layer_scores, _) in zip(quantizers, scored, strict=True):
+            for fmt, score in layer_scores[name].items():
+                if fmt not in scores[name] or score < scores[name][fmt]:
+                    scores[name][fmt] = score
+                    methods[name][fmt] = quantizer.methods.get((name, fmt), "rtn")
+        failed[name] = {fmt: reason for _, layer_failed in scored for fmt, reason in layer_failed[name].items()
+                        if fmt not in scores[name]}
+    return scores, failed, methods
 
 
 def _solve(stats: SearchStats, budget: float, objective: str, rules: list[str],
@@ -208,8 +239,8 @@ def _search(model: nn.Module, calibration, config: SearchConfig, report: Progres
              for n, layer in stats.layers.items() if not layer.shapes]
     if config.refine_trials:
         start = time.perf_counter()
-        solution, pareto, refine_notes = _refine(model, holdout, layers, config, stats, solution, group_map,
-                                                 cache, key, report)
+        solution, pareto, refine_notes = _refine(model, batches, holdout, layers, config, stats, solution,
+                                                 group_map, cache, key, report)
         notes += refine_notes
         seconds[Stage.REFINE] = time.perf_counter() - start
     plan = build_plan(stats, solution, budget=budget, objective=objective, group_rules=rules,
@@ -219,10 +250,12 @@ def _search(model: nn.Module, calibration, config: SearchConfig, report: Progres
     return plan
 
 
-def _refine(model, holdout, layers, config: SearchConfig, stats, solution, group_map, cache, key, report):
+def _refine(model, batches, holdout, layers, config: SearchConfig, stats, solution, group_map, cache, key,
+            report):
     costs = stats.costs()
     budget, objective = config.effective_bits, config.objective
-    evaluate = sensitivity.LossEvaluator(model, holdout, layers, config.loss_fn)
+    evaluate = sensitivity.LossEvaluator(model, holdout, layers, config.loss_fn,
+                                         quantized=_stats_quantizer(model, batches, layers, stats))
     budgets = [b for b in (budget + step for step in REFINE_BUDGET_STEPS) if b > 0]
     front = solve.refine(costs, group_map, evaluate, budgets=budgets, objective=objective,
                          trials=config.refine_trials, storage=cache.study_storage(),
@@ -249,6 +282,57 @@ def _refine(model, holdout, layers, config: SearchConfig, stats, solution, group
                                       solve.total_score(costs, best.assignment), best.latency,
                                       solution.latency_unquantized, solution.notes)
     return solution, front, notes
+
+
+def _stats_quantizer(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module],
+                     stats: SearchStats, only_chosen: dict[str, str] | None = None) -> LayerQuantizer:
+    """A quantizer that gives each (layer, format) the method the statistics scored it with
+    (restricted to ``only_chosen``'s pairs when given)."""
+    keys = {(name, fmt) for name, layer in stats.layers.items() for fmt, method in layer.methods.items()
+            if method == "gptq" and (only_chosen is None or only_chosen.get(name) == fmt)}
+    if not keys:
+        return LayerQuantizer("rtn")
+    needed = {name for name, _ in keys}
+    hessians = profile.collect_hessians(model, batches, {n: m for n, m in layers.items() if n in needed})
+    return LayerQuantizer("gptq", hessians, only=keys)
+
+
+def apply(model: nn.Module, assignment, exclude: Sequence[str] = (), include_tied: bool = False, *,
+          method: str | None = None, calibration=None) -> nn.Module:
+    """Quantize the named layers of ``model`` in place (see ``autoq.swap.apply``) and return it.
+
+    ``assignment`` is a Plan or ``{layer name: format}``. A plan searched with GPTQ records which
+    layers took it; those need the calibration they were searched with (``calibration=``, the
+    same batches) to be quantized to exactly the scored weights, and raise a clear error
+    without it. For a mapping, ``method="gptq"`` quantizes every named layer with GPTQ on
+    ``calibration``."""
+    if method not in (None, "rtn", "gptq"):
+        raise ValueError(f"unknown method {method!r}; choose 'rtn' or 'gptq'")
+    chosen = dict(assignment_of(assignment))
+    if isinstance(assignment, Plan):
+        gptq_layers = {n for n, m in assignment.methods().items() if m == "gptq"}
+        usable = assignment.settings.get("calibration_batches")
+        described = f"this plan quantized {len(gptq_layers)} layers with GPTQ (e.g. {min(gptq_layers, default='')})"
+    else:
+        gptq_layers = set(chosen) if method == "gptq" else set()
+        usable = None
+        described = "method='gptq'"
+    gptq_layers = {n for n in gptq_layers if formats.get(chosen[n]).quantized}
+    if not gptq_layers:
+        return swap_layers(model, chosen, exclude, include_tied)
+    if calibration is None:
+        raise ValueError(f"{described}: pass calibration=... (the batches it was searched with) so the "
+                         "same weights are computed again")
+    batches = as_batches(calibration)
+    batches = batches[:int(usable)] if usable else batches
+    layers = quantizable_layers(model, include_tied=True)
+    missing = sorted(gptq_layers - set(layers))
+    if missing:
+        raise ValueError(f"{missing[0]!r} is not a quantizable layer of this model")
+    hessians = profile.collect_hessians(model, batches, {n: layers[n] for n in gptq_layers})
+    quantizer = LayerQuantizer("gptq", hessians, only={(n, chosen[n]) for n in gptq_layers})
+    quantizer.precompute({n: layers[n] for n in gptq_layers}, set(chosen[n] for n in gptq_layers))
+    return swap_layers(model, chosen, exclude, include_tied, quantizer=quantizer)
 
 
 def resolve(plan: Plan, effective_bits: float | None = None, objective: str | None = None,

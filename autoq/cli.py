@@ -69,6 +69,8 @@ def quantize(
     plan_path: Path = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="plan cache (default: $AUTOQ_CACHE_DIR "
                                    "or the per-user cache directory)"),
+    method: str = typer.Option("rtn", "--method", help="how weights are quantized: rtn (round to nearest), "
+                               "gptq (calibrated) or auto (per layer, whichever scores lower)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Search the best format per layer, quantize, and write the checkpoint with plan.json."""
@@ -79,7 +81,7 @@ def quantize(
 
     try:
         config = SearchConfig(effective_bits=bits, objective=objective, formats=_split_formats(formats),
-                              cache_dir=cache_dir)
+                              method=method, cache_dir=cache_dir)
         given_plan = Plan.load(plan_path) if plan_path is not None else None
         texts = read_calibration(calib) if given_plan is None else None
         plan = run_pipeline(model, config, calibration_texts=texts, plan=given_plan, out_dir=out_dir,

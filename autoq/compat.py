@@ -40,6 +40,29 @@ def patch_pack_quantized(module) -> None:
 
     cls.compress = classmethod(compress)
     cls._autoq_packs_meta_zero_point = True
+    cls._autoq_original_compress = classmethod(original)
+
+
+def plain_transformers_loads_asymmetric_int4() -> bool:
+    """Whether the installed compressed-tensors (without autoq's fix) builds asymmetric int4
+    layers with packed zero points, i.e. whether a process that never imports autoq can load
+    an asymmetric int4 checkpoint. Checked by running its compressor on meta tensors."""
+    from compressed_tensors.compressors.pack_quantized import base
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    cls = base.PackedQuantizationCompressor
+    compress = getattr(cls, "_autoq_original_compress", cls.compress)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=False, strategy="group", group_size=32))
+    state = {"weight": torch.empty(16, 64, device="meta"),
+             "weight_scale": torch.empty(16, 2, device="meta"),
+             "weight_zero_point": torch.empty(16, 2, dtype=torch.int8, device="meta")}
+    try:
+        out = compress(state, scheme)  # a classmethod, bound through the class
+    except Exception:  # noqa: BLE001 - an API we do not know: assume it cannot
+        return False
+    zero_point = out.get("weight_zero_point")
+    return zero_point is None or zero_point.dtype == torch.int32
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

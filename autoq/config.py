@@ -30,6 +30,8 @@ from autoq import solve
 from autoq.cache import make_key
 from autoq.sensitivity import PROBES
 
+METHODS = ("rtn", "gptq", "auto")
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -104,12 +106,16 @@ class SearchConfig:
 
     ``effective_bits``: storage budget, bits per weight element averaged over the quantizable
     layers. ``objective``: ``"balanced"``, ``"accuracy"`` or ``"speed"`` (see ``autoq.solve``).
-    ``formats``: candidate format names (default: all registered; ``none`` is always one).
+    ``formats``: candidate format names (default: every registered format that is a default
+    candidate, i.e. all but asymmetric int4; ``none`` is always one).
     ``groups``: regex rules with a capture group for layers that must share a format.
     ``exclude``: regexes of layer names left out of the search. ``loss_fn(model, batch)``:
     what sensitivity differentiates (default: the model's own loss when batches carry labels,
     else random output probes). ``refine_trials``: when > 0, an NSGA-II study measuring the real
     loss on held-out batches refines the plan. ``probes``/``seed``: the sensitivity estimator.
+    ``method``: how weights are quantized: ``"rtn"`` (round to nearest), ``"gptq"`` (GPTQ on
+    the calibration activations; needs the calibration again to ``apply`` a plan) or ``"auto"``
+    (each layer and format takes whichever of the two scores lower).
     ``cache_dir``: where plans, statistics and timings are cached (not part of any key).
     """
 
@@ -122,12 +128,15 @@ class SearchConfig:
     refine_trials: int = 0
     probes: int = PROBES
     seed: int = 0
+    method: str = "rtn"
     cache_dir: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         budget = solve.DEFAULT_BUDGET if self.effective_bits is None else self.effective_bits
         if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
             raise ValueError(f"effective_bits must be a positive number, got {budget!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.objective not in solve.OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(solve.OBJECTIVES)}")
         set_ = functools.partial(object.__setattr__, self)
@@ -161,7 +170,8 @@ class SearchConfig:
 
     def stats_identity(self) -> list:
         """What the budget-independent statistics depend on, besides model, data and hardware."""
-        return [list(self.formats), list(self.exclude), loss_identity(self.loss_fn), self.probes, self.seed]
+        return [list(self.formats), list(self.exclude), loss_identity(self.loss_fn), self.probes, self.seed,
+                self.method]
 
 
 def plan_key(stats_key: str, budget: float, objective: str, groups: Iterable[str], refine_trials: int) -> str:
@@ -172,7 +182,8 @@ def plan_key(stats_key: str, budget: float, objective: str, groups: Iterable[str
 def _formats(requested: Iterable[str] | None) -> tuple[str, ...]:
     if isinstance(requested, str):
         raise TypeError("formats must be a list of format names, not one string")
-    names = formats_registry.names() if requested is None else list(requested)
+    names = ([f.name for f in formats_registry.all_formats() if f.default_candidate]
+             if requested is None else list(requested))
     if not names:
         raise ValueError(f"formats is empty; choose among {', '.join(formats_registry.names())}")
     for name in names:

@@ -44,15 +44,16 @@ class QuantizedLinear(nn.Module):
         module = cls(in_features, out_features, bias is not None, format_name, device=weight.device,
                      bias_dtype=bias.dtype if bias is not None else torch.float32)
         q = quantized if quantized is not None else module.format.quantize(weight)
-        for name, tensor in q.tensors().items():
-            setattr(module, name, tensor)
+        stored = q.tensors()
+        for name in module.format.tensor_specs(out_features, in_features):
+            setattr(module, name, stored[name])
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scale, getattr(self, "zero_point", None),
-                               self.out_features, self.in_features, self.format.group_size)
+        return self.format.weight_from_tensors(dict(self.named_buffers(recurse=False)),
+                                               self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.format.dequantize(self.quantized_weight(), dtype)

@@ -65,14 +65,16 @@ def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, 
     else:
         stage(Stage.LOAD, f"loading {model}")
         loaded, tokenizer = load_model(model)
-    if plan is None:
+    batches = None
+    if plan is None or "gptq" in plan.methods().values():  # GPTQ weights need the calibration again
         stage(Stage.CALIBRATION)
         batches = calibration if calibration is not None else \
             calibration_batches(tokenizer, calibration_texts, str(model) if not isinstance(model, nn.Module)
                                 else type(model).__name__)
+    if plan is None:
         plan = search(loaded, batches, config, progress=progress)
     stage(Stage.APPLY)
-    apply(loaded, plan)
+    apply(loaded, plan, calibration=batches)
     if out_dir is not None:
         stage(Stage.EXPORT, f"writing {export_format or 'the default'} checkpoint")
         save_quantized(loaded, Path(out_dir), tokenizer=tokenizer, format=export_format, plan=plan)

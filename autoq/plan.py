@@ -46,6 +46,7 @@ class LayerStats(BaseModel):
     latency: dict[str, float] = Field(default_factory=dict)
     sensitivity: dict[str, float] = Field(default_factory=dict)
     dropped: dict[str, str] = Field(default_factory=dict)
+    methods: dict[str, str] = Field(default_factory=dict)  # format -> "gptq" where not round-to-nearest
 
     def costs(self) -> LayerCosts:
         candidates = [f for f in self.bits if f in self.latency and f in self.sensitivity]
@@ -57,6 +58,7 @@ class LayerStats(BaseModel):
 class LayerPlan(LayerStats):
     format: str
     group: str
+    method: str = "rtn"  # how the chosen format's weights were quantized: "rtn" or "gptq"
 
 
 class ModelInfo(BaseModel):
@@ -77,6 +79,7 @@ class SearchStats(BaseModel):
     settings: dict[str, float | int | str | None] = Field(default_factory=dict)
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     layers: dict[str, LayerStats]
+    notes: list[str] = Field(default_factory=list)
 
     def costs(self) -> dict[str, LayerCosts]:
         return {name: layer.costs() for name, layer in self.layers.items()}
@@ -129,6 +132,10 @@ class Plan(BaseModel):
     def assignment(self) -> dict[str, str]:
         """``{layer name: format}``: what ``autoq.apply`` needs."""
         return {name: layer.format for name, layer in self.layers.items()}
+
+    def methods(self) -> dict[str, str]:
+        """``{layer name: "rtn" or "gptq"}``: how each layer's chosen format was quantized."""
+        return {name: layer.method for name, layer in self.layers.items()}
 
     def stats(self) -> SearchStats:
         """The budget-independent statistics this plan was solved from."""
@@ -250,7 +257,8 @@ def build_plan(stats: SearchStats, solution, *, budget: float, objective: str, g
     size = size_unquantized = 0
     for name, layer in stats.layers.items():
         fmt = solution.assignment[name]
-        layers[name] = LayerPlan(**layer.model_dump(), format=fmt, group=groups.get(name, name))
+        layers[name] = LayerPlan(**layer.model_dump(), format=fmt, group=groups.get(name, name),
+                                 method=layer.methods.get(fmt, "rtn"))
         size += layer_bytes(layer.numel, layer.bits[fmt])
         size_unquantized += layer_bytes(layer.numel, 16.0)
     totals = Totals(
@@ -265,6 +273,6 @@ def build_plan(stats: SearchStats, solution, *, budget: float, objective: str, g
         settings={**stats.settings, **({"stats_key": stats_key} if stats_key else {})},
         stage_seconds=dict(stats.stage_seconds if stage_seconds is None else stage_seconds),
         cache_key=cache_key, layers=layers, totals=totals,
-        notes=list(solution.notes) + list(notes or []),
+        notes=list(solution.notes) + list(stats.notes) + list(notes or []),
         pareto=[ParetoEntry(loss=p.loss, effective_bits=p.effective_bits, latency=p.latency,
                             assignment=p.assignment) for p in pareto] if pareto is not None else None)

@@ -160,6 +160,45 @@ def choose_qparams_affine_mse(
     return best_scale, best_zp.to(torch.int32)
 
 
+def choose_qparams_symmetric_mse(
+    x: torch.Tensor,
+    block_size: tuple[int, ...],
+    qmin: int = -8,
+    qmax: int = 7,
+    ratios: tuple[float, ...] = CLIP_RATIOS,
+) -> torch.Tensor:
+    """Scale per block for a symmetric grid ``[qmin, qmax]`` (zero point 0) with the least squared
+    round-trip error among ``absmax * ratio / qmax`` and the half-step-wider ``absmax * ratio /
+    (qmax + 0.5)`` (which lets the negative side use ``qmin``)."""
+    amax = block_amax(x, block_size)
+    blocks = _blocked(x.float(), block_size)
+    best_err = best_scale = None
+    for ratio in ratios:
+        for top in (qmax, qmax + 0.5):
+            scale = (amax * ratio / top).clamp(min=SCALE_EPS)
+            s = scale[:, None, :, None]
+            err = ((torch.round(blocks / s).clamp(qmin, qmax)) * s - blocks).pow(2).sum(dim=(1, 3))
+            if best_err is None:
+                best_err, best_scale = err, scale
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def quantize_int4_symmetric(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit values per group: ``q`` in ``[-8, 7]`` stored unsigned as ``q + 8`` (uint8,
+    unpacked, so the implied zero point is 8) and fp16-exact scales; ranges by least squared error."""
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(x.shape)}")
+    block_size = (1, group_size)
+    scale = choose_qparams_symmetric_mse(x, block_size)
+    scale = scale.to(torch.float16).float().clamp(min=SCALE_EPS)
+    q = quantize_affine(x, block_size, scale, None, -8, 7, torch.int16)
+    return (q + 8).to(torch.uint8), scale
+
+
 def quantize_int4_asymmetric(
     x: torch.Tensor, group_size: int, clip_search: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -97,3 +97,16 @@ def profile(
     if report is not None:
         report(1.0, f"{len(batches)} batches, {len(layers)} layers")
     return Profile(result, len(batches), samples)
+
+
+def collect_hessians(model: nn.Module, batches: Sequence[Batch], layers: dict[str, nn.Module]
+                     ) -> dict[str, torch.Tensor]:
+    """Each layer's input Hessian ``H = 2/n XᵀX`` (fp32 ``[K, K]``) over the calibration batches,
+    for GPTQ. Layers fed the same input tensor (q/k/v) share one Hessian object; a layer that
+    never ran is left out."""
+    from autoq import gptq
+
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad():
+        accumulators = gptq.accumulate_hessians(model, [to_device(b, device) for b in batches], layers)
+    return {name: acc.hessian for name, acc in accumulators.items() if acc.rows > 0}

@@ -54,7 +54,7 @@ from torch import nn
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.formats import UNQUANTIZED
 from autoq.profile import eval_mode, model_device
-from autoq.swap import QuantizedMemo, quantized_copy, swapped
+from autoq.swap import LayerQuantizer, QuantizedMemo, quantized_copy, swapped
 
 Report = Callable[[float, str], None]
 LossFn = Callable[[object, Batch], torch.Tensor]
@@ -241,7 +241,7 @@ def score(
     device = model_device(model)
     scores = {name: {fmt: 0.0 for fmt in candidates[name]} for name in layers}
     dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
-    quantized = {} if quantized is None else quantized
+    quantized = LayerQuantizer() if quantized is None else quantized
     generator = torch.Generator(device=device).manual_seed(seed)
     total = len(batches) * max(len(layers), 1)
 
@@ -282,13 +282,13 @@ class LossEvaluator:
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], layers: dict[str, nn.Module],
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, quantized: LayerQuantizer | None = None):
         self.model = model
         self.device = model_device(model)
         self.batches = [to_device(b, self.device) for b in batches]
         self.layers = layers
         self.loss_fn = loss_fn
-        self.quantized: QuantizedMemo = {}
+        self.quantized = LayerQuantizer() if quantized is None else quantized
         with eval_mode(model), torch.no_grad():
             self.reference = [run_batch(model, b) for b in self.batches]
 

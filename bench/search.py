@@ -78,7 +78,8 @@ def cosine(model, assignment, batch, reference) -> float:
 
 def effective_bits(plan, assignment) -> float:
     total = sum(layer.numel for layer in plan.layers.values())
-    return sum(layer.bits[assignment[n]] * layer.numel for n, layer in plan.layers.items()) / total
+    return sum(formats.get(assignment[n]).storage_bits(layer.out_features, layer.in_features) * layer.numel
+               for n, layer in plan.layers.items()) / total
 
 
 def random_plan(plan, target: float, rng: random.Random) -> dict[str, str]:

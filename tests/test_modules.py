@@ -10,6 +10,7 @@ QUANTIZED = [f for f in formats.names() if f != "none"]
 # Relative error of the module vs F.linear with its own dequantized weight. The native weight-only
 # kernels compute in bf16 and int8_dynamic also rounds the activations, hence the looser bounds.
 TOLERANCE = {"int8_dynamic": 2e-2, "int8_weight_only": 1e-2, "int4_g32": 1e-2, "int4_g64": 1e-2, "int4_g128": 1e-2,
+             "int4_sym_g32": 1e-2, "int4_sym_g64": 1e-2, "int4_sym_g128": 1e-2,
              "fp8_e4m3_weight_only": 1e-2, "fp8_e4m3_dynamic": 4e-2}
 
 

@@ -172,7 +172,7 @@ def test_speed_objective_refinement_keeps_the_fastest_latency(monkeypatch):
     assert ip.latency < ip.latency_unquantized
     monkeypatch.setattr(solve, "refine", lambda *a, **k: front)
     monkeypatch.setattr(api.sensitivity, "LossEvaluator",
-                        lambda *a: lambda assignment: 1.0 if assignment == ip.assignment else 0.1)
+                        lambda *a, **k: lambda assignment: 1.0 if assignment == ip.assignment else 0.1)
 
     class Cache:
         def study_storage(self):
@@ -180,7 +180,7 @@ def test_speed_objective_refinement_keeps_the_fastest_latency(monkeypatch):
 
     for objective, expect_fast in [("speed", True), ("balanced", False)]:
         config = SearchConfig(effective_bits=8.0, objective=objective, refine_trials=2)
-        chosen, _, _ = api._refine(None, [], {}, config, stats, ip, groups, Cache(), "key", None)
+        chosen, _, _ = api._refine(None, [], [], {}, config, stats, ip, groups, Cache(), "key", None)
         assert (chosen.latency == ip.latency) == expect_fast, objective
 
 

@@ -77,12 +77,12 @@ def test_formats_that_cannot_hold_the_shape_are_dropped(tmp_path):
     model = TwoLayers(k=96)
     plan = search(model, torch.randn(4, 8, 96), effective_bits=8.0, cache_dir=tmp_path, progress=False)
     dropped = plan.layers["first"].dropped
-    assert "int4_g128" in dropped and "int4_g64" in dropped
-    assert "not divisible by group size 128" in dropped["int4_g128"]
-    assert "int4_g32" not in dropped  # 96 = 3 x 32
-    assert "int4_g128" not in plan.layers["second"].dropped
+    assert "int4_sym_g128" in dropped and "int4_sym_g64" in dropped
+    assert "not divisible by group size 128" in dropped["int4_sym_g128"]
+    assert "int4_sym_g32" not in dropped  # 96 = 3 x 32
+    assert "int4_sym_g128" not in plan.layers["second"].dropped
     assert plan.layers["first"].format not in dropped
-    assert "int4_g128" not in plan.layers["first"].sensitivity
+    assert "int4_sym_g128" not in plan.layers["first"].sensitivity
 
 
 def test_inaccurate_and_raising_formats_are_dropped_not_fatal(tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_inaccurate_and_raising_formats_are_dropped_not_fatal(tmp_path, monkeypa
     real = bench_module.quantized_copy
 
     def flaky(module, fmt, name="", memo=None):
-        if fmt == "int4_g64":
+        if fmt == "int4_sym_g64":
             raise RuntimeError("kernel exploded")
         return real(module, fmt, name, memo)
 
@@ -105,8 +105,8 @@ def test_inaccurate_and_raising_formats_are_dropped_not_fatal(tmp_path, monkeypa
     assert "below the 10 dB floor" in first.dropped["int8_dynamic"]
     assert "int8_weight_only" not in first.dropped
     for layer in plan.layers.values():
-        assert "RuntimeError: kernel exploded" in layer.dropped["int4_g64"]
-        assert layer.format != "int4_g64" and "int4_g64" not in layer.latency
+        assert "RuntimeError: kernel exploded" in layer.dropped["int4_sym_g64"]
+        assert layer.format != "int4_sym_g64" and "int4_sym_g64" not in layer.latency
     assert first.format != "int8_dynamic"
 
 
@@ -122,7 +122,7 @@ def test_custom_loss_fn(tmp_path):
                   cache_dir=tmp_path, progress=False)
     assert len(calls) == 2  # one scoring pass per batch
     assert plan.settings["loss"].startswith("loss_fn ")
-    assert plan.layers["first"].sensitivity["int4_g32"] > plan.layers["first"].sensitivity["int8_weight_only"] > 0
+    assert plan.layers["first"].sensitivity["int4_sym_g32"] > plan.layers["first"].sensitivity["int8_weight_only"] > 0
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
@@ -190,7 +190,7 @@ def test_scoring_checkpoints_hf_blocks_with_identical_scores(monkeypatch):
 
     model = tiny_llama(seed=2)
     layers = quantizable_layers(model)
-    candidates = {n: ["none", "int8_dynamic", "int4_g64"] for n in layers}
+    candidates = {n: ["none", "int8_dynamic", "int4_sym_g64"] for n in layers}
     batches = token_batches(2, seed=2)
     plain, _ = sensitivity.score(model, batches, layers, candidates, checkpointing=False)
 
@@ -205,7 +205,7 @@ def test_scoring_checkpoints_hf_blocks_with_identical_scores(monkeypatch):
     checkpointed, _ = sensitivity.score(model, batches, layers, candidates, checkpointing=True)
     assert used and set(used) == {False}  # every decoder layer, non-reentrant
     for name in layers:
-        for fmt in ("int8_dynamic", "int4_g64"):
+        for fmt in ("int8_dynamic", "int4_sym_g64"):
             assert checkpointed[name][fmt] == pytest.approx(plain[name][fmt], rel=1e-4)
     assert not model.training and all(not m.training for m in model.modules())
     assert all(not getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -342,6 +342,8 @@ def save(
         )
         return native.save(model, path, tokenizer=tokenizer, plan=plan)
     _warn_split_fused_layers(_layer_format_map(model))
+    for caveat in sorted({c for m in _quantized_names(model).values() if (c := m.format.ct_load_caveat())}):
+        warnings.warn(caveat, stacklevel=3)
     path.mkdir(parents=True, exist_ok=True)
     (path / native.METADATA_FILE).unlink(missing_ok=True)  # a stale autoq.json would win on load
     native.write_side_files(model, path, tokenizer, plan)
@@ -450,7 +452,9 @@ def import_layer(
         raise ValueError(
             f"layer {name!r}: weight_shape {shape.tolist()} does not match the model's {[n, k]}"
         )
-    return formats.get(format_name).ct_import(name, weights, tensors, n, k).tensors()
+    fmt = formats.get(format_name)
+    stored = fmt.tensor_specs(n, k)  # not the implied ones (a symmetric format's zero point)
+    return {key: t for key, t in fmt.ct_import(name, weights, tensors, n, k).tensors().items() if key in stored}
 
 
 def _restore_non_persistent_buffers(

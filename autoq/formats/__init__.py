@@ -6,6 +6,7 @@
 | int8_dynamic     | int8 symmetric per output channel       | int8 per token, dynamic  |
 | int8_weight_only | int8 symmetric per output channel       | 16-bit float             |
 | int4_g{32,64,128}| uint4 asymmetric per group, 2 per byte  | 16-bit float             |
+| int4_sym_g{32,64,128} | int4 symmetric per group (no zero point) | 16-bit float        |
 | fp8_e4m3_weight_only | float8 e4m3 per output channel      | 16-bit float             |
 | fp8_e4m3_dynamic | float8 e4m3 per output channel          | float8 per token, dynamic|
 
@@ -57,5 +58,7 @@ register(Int8Dynamic("int8_dynamic", "W8A8: int8 weights, per-token dynamic int8
 register(Int8WeightOnly("int8_weight_only", "W8A16: int8 weights, 16-bit activations"))
 for _g in (32, 64, 128):
     register(Int4Groups(f"int4_g{_g}", f"W4A16: asymmetric uint4, groups of {_g}", _g))
+for _g in (32, 64, 128):
+    register(Int4Groups(f"int4_sym_g{_g}", f"W4A16: symmetric int4, groups of {_g}", _g, symmetric=True))
 register(Fp8WeightOnly("fp8_e4m3_weight_only", "W8A16-FP8: float8 e4m3 weights, 16-bit activations"))
 register(Fp8Dynamic("fp8_e4m3_dynamic", "W8A8-FP8: float8 e4m3 weights, per-token dynamic float8 activations"))

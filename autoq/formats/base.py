@@ -68,6 +68,22 @@ class Kernel(Protocol):
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
+@dataclass(frozen=True)
+class GPTQGrid:
+    """What GPTQ (``autoq.gptq``) needs from a format: its static groups and its grid.
+
+    ``fit(w [N, group_size]) -> params`` fits one group; ``fake_quant(w [N, c], params, offset)``
+    rounds columns onto that group's grid; ``encode(w_hat [N, K], params per group)`` turns the
+    grid values into the format's stored tensors, exactly. Formats whose grids have the same
+    ``identity`` (W8A8 and W8A16 store the same int8 weight) share one GPTQ run."""
+
+    identity: str
+    group_size: int
+    fit: Callable
+    fake_quant: Callable
+    encode: Callable[[torch.Tensor, list], QuantizedWeight]
+
+
 class Format:
     """Base class of every format; subclasses define the storage and the arithmetic."""
 
@@ -79,9 +95,12 @@ class Format:
         super().__init_subclass__(**kwargs)
         cls.kernels = {}  # each format class has its own table
 
-    def __init__(self, name: str, description: str):
+    def __init__(self, name: str, description: str, default_candidate: bool = True):
         self.name = name
         self.description = description
+        # Searched when the caller names no formats; formats whose exports not every loader
+        # reads are opt-in.
+        self.default_candidate = default_candidate
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
@@ -113,6 +132,12 @@ class Format:
         """The module's quantized buffers: ``{name: (shape, dtype)}``."""
         raise NotImplementedError
 
+    def weight_from_tensors(self, tensors: dict[str, torch.Tensor], out_features: int,
+                            in_features: int) -> QuantizedWeight:
+        """The ``QuantizedWeight`` a module's stored buffers stand for."""
+        return QuantizedWeight(tensors["qweight"], tensors["scale"], tensors.get("zero_point"),
+                               out_features, in_features, self.group_size)
+
     # ------------------------------------------------------------------- quantization
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
@@ -129,6 +154,10 @@ class Format:
 
     def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         raise NotImplementedError
+
+    def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid | None:
+        """How GPTQ quantizes this format (``None``: it cannot, round-to-nearest is used)."""
+        return None
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` the stored tensors stand for."""
@@ -157,6 +186,11 @@ class Format:
     def ct_export(self, weight: QuantizedWeight, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The layer's tensors in compressed-tensors' layout (names relative to the layer)."""
         raise ValueError(f"format {self.name!r} has no compressed-tensors layout")
+
+    def ct_load_caveat(self) -> str | None:
+        """Why some loaders cannot read this format's export (with the installed libraries),
+        and what to use instead; ``None`` when every loader can."""
+        return None
 
     def ct_import(self, name: str, weights: dict, tensors: dict[str, torch.Tensor],
                   out_features: int, in_features: int) -> QuantizedWeight:

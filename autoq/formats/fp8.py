@@ -15,11 +15,14 @@ activation scale) has no autoq format and is refused by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from autoq import primitives as P
 from autoq.formats.base import (
     Format,
+    GPTQGrid,
     QuantizedWeight,
     TensorSpecs,
     int_args,
@@ -32,6 +35,22 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 def float_args(strategy: str, dynamic: bool = False) -> dict:
     return int_args(8, True, strategy, dynamic=dynamic, type_="float")
+
+
+@dataclass(frozen=True)
+class Fp8ChannelParams:
+    scale: torch.Tensor  # [N, 1] fp32: absmax / 448 per output channel
+
+
+def fit_fp8(w_rows: torch.Tensor) -> Fp8ChannelParams:
+    return Fp8ChannelParams((w_rows.float().abs().amax(dim=1, keepdim=True) / P.FP8_E4M3_MAX)
+                            .clamp(min=P.SCALE_EPS**2))
+
+
+def fake_quant_fp8(w_cols: torch.Tensor, params: Fp8ChannelParams, col_offset: int = 0) -> torch.Tensor:
+    """The nearest e4m3 grid value (per-channel scale) of each weight."""
+    q = (w_cols.float() / params.scale).clamp(-P.FP8_E4M3_MAX, P.FP8_E4M3_MAX)
+    return q.to(torch.float8_e4m3fn).float() * params.scale
 
 
 class Fp8PerChannel(Format):
@@ -61,6 +80,14 @@ class Fp8PerChannel(Format):
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (weight.qweight.float() * weight.scale.float()[:, None]).to(dtype)
+
+    def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid:
+        def encode(w_hat: torch.Tensor, params: list) -> QuantizedWeight:
+            scale = params[0].scale
+            q = (w_hat / scale).clamp(-P.FP8_E4M3_MAX, P.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+            return QuantizedWeight(q, scale.reshape(-1), None, out_features, in_features)
+
+        return GPTQGrid("fp8 e4m3 per channel", in_features, fit_fp8, fake_quant_fp8, encode)
 
     def ct_export(self, weight: QuantizedWeight, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"weight": weight.qweight.clone(),

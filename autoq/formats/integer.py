@@ -17,18 +17,26 @@ compressed-tensors' order, see ``primitives.pack_int32``):
 |                  | dynamic per-token input activations (W8A8)        |                |
 | int8_weight_only | int8 symmetric channel weights (W8A16)            | pack-quantized |
 | int4_g{G}        | int4 asymmetric group G weights (W4A16_ASYM)      | pack-quantized |
+| int4_sym_g{G}    | int4 symmetric group G weights (W4A16)            | pack-quantized |
 
 W8A16 uses pack-quantized because that is what compressed-tensors infers for weight-only int8 and
 what vLLM's WNA16 kernels accept. int4 zero points are packed along the output dimension.
+
+Symmetric int4 stores no zero point: its codes are ``q + 8`` with ``q`` in ``[-8, 7]``, so in
+memory it is the asymmetric layout with every zero point 8 (kernels run it unchanged). Every
+compressed-tensors version, transformers and vLLM's Marlin path load it; compressed-tensors 0.20
+cannot build asymmetric int4 layers in transformers without autoq's loader fix (autoq.compat).
 """
 
 from __future__ import annotations
 
 import torch
 
+from autoq import gptq
 from autoq import primitives as P
 from autoq.formats.base import (
     Format,
+    GPTQGrid,
     QuantizedWeight,
     TensorSpecs,
     int_args,
@@ -76,6 +84,13 @@ class Int8PerChannel(Format):
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (weight.qweight.float() * weight.scale.float()[:, None]).to(dtype)
+
+    def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid:
+        def encode(w_hat: torch.Tensor, params: list) -> QuantizedWeight:
+            q, scale = gptq.encode_int8(w_hat, params)
+            return QuantizedWeight(q, scale.reshape(-1), None, out_features, in_features)
+
+        return GPTQGrid("int8 symmetric per channel", in_features, gptq.fit_int8, gptq.fake_quant_int8, encode)
 
     def ct_import(self, name: str, weights: dict, tensors: dict[str, torch.Tensor],
                   out_features: int, in_features: int) -> QuantizedWeight:
@@ -140,21 +155,25 @@ class Int8WeightOnly(Int8PerChannel):
 
 
 class Int4Groups(Format):
-    """W4A16: asymmetric uint4 per group of ``group_size`` input elements, packed two per byte;
-    fp16 scale and uint8 zero point per group. Ranges come from a per-group MSE clip search."""
+    """W4A16: uint4 per group of ``group_size`` input elements, packed two per byte; fp16 scale
+    and (asymmetric) a uint8 zero point per group, or (symmetric) an implied zero point of 8.
+    Ranges come from a per-group MSE clip search."""
 
     weight_bits = 4
 
-    def __init__(self, name: str, description: str, group_size: int):
-        super().__init__(name, description)
+    def __init__(self, name: str, description: str, group_size: int, symmetric: bool = False):
+        # Asymmetric int4 is opt-in: compressed-tensors 0.20 cannot load it without autoq.
+        super().__init__(name, description, default_candidate=symmetric)
         self._group_size = group_size
+        self.symmetric = symmetric
 
     @property
     def group_size(self) -> int:
         return self._group_size
 
     def storage_bits(self, out_features: int, in_features: int) -> float:
-        return 4.0 + (16 + 8) / self.group_size  # fp16 scale + uint8 zero point per group
+        zero_point_bits = 0 if self.symmetric else 8
+        return 4.0 + (16 + zero_point_bits) / self.group_size  # fp16 scale (+ uint8 zero point)
 
     def check(self, out_features: int, in_features: int) -> str | None:
         if in_features % self.group_size != 0:
@@ -163,35 +182,79 @@ class Int4Groups(Format):
 
     def tensor_specs(self, out_features: int, in_features: int) -> TensorSpecs:
         groups = in_features // self.group_size
-        return {"qweight": ((out_features, in_features // 2), torch.uint8),
-                "scale": ((out_features, groups), torch.float16),
-                "zero_point": ((out_features, groups), torch.uint8)}
+        specs = {"qweight": ((out_features, in_features // 2), torch.uint8),
+                 "scale": ((out_features, groups), torch.float16)}
+        if not self.symmetric:
+            specs["zero_point"] = ((out_features, groups), torch.uint8)
+        return specs
+
+    def weight_from_tensors(self, tensors: dict[str, torch.Tensor], out_features: int,
+                            in_features: int) -> QuantizedWeight:
+        scale = tensors["scale"]
+        zero_point = self._implied_zero_point(scale) if self.symmetric else tensors["zero_point"]
+        return QuantizedWeight(tensors["qweight"], scale, zero_point, out_features, in_features,
+                               self.group_size)
+
+    @staticmethod
+    def _implied_zero_point(scale: torch.Tensor) -> torch.Tensor:
+        return torch.full(scale.shape, 8, dtype=torch.uint8, device=scale.device)
 
     def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         n, k = weight.shape
-        q, scale, zero_point = P.quantize_int4_asymmetric(weight, self.group_size)
+        if self.symmetric:
+            q, scale = P.quantize_int4_symmetric(weight, self.group_size)
+            zero_point = self._implied_zero_point(scale)
+        else:
+            q, scale, zero_point = P.quantize_int4_asymmetric(weight, self.group_size)
         return QuantizedWeight(P.pack_int4(q), scale.to(torch.float16), zero_point, n, k,
                                self.group_size)
+
+    def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid:
+        fit = fit_int4_symmetric if self.symmetric else gptq.fit_int4
+
+        def encode(w_hat: torch.Tensor, params: list) -> QuantizedWeight:
+            q, scale, zero_point = gptq.encode_int4(w_hat, params)
+            return QuantizedWeight(P.pack_int4(q), scale.to(torch.float16), zero_point, out_features,
+                                   in_features, self.group_size)
+
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return GPTQGrid(f"int4 {kind} g{self.group_size}", self.group_size, fit, gptq.fake_quant_int4, encode)
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = P.unpack_int4(weight.qweight)
         return P.dequantize_affine(q, (1, weight.group_size), weight.scale, weight.zero_point, dtype)
 
     def ct_scheme(self) -> dict:
-        return {"weights": int_args(4, False, "group", self.group_size), "input_activations": None,
-                "output_activations": None, "format": "pack-quantized"}
+        return {"weights": int_args(4, self.symmetric, "group", self.group_size),
+                "input_activations": None, "output_activations": None, "format": "pack-quantized"}
 
     def ct_accepts(self, weights: dict, input_activations: dict | None) -> bool:
-        # Symmetric int4 checkpoints (zero point 8) load into the asymmetric layout exactly.
         return (plain_weights(weights) and weights["num_bits"] == 4 and weights["strategy"] == "group"
-                and weights["group_size"] == self.group_size and input_activations is None)
+                and weights["group_size"] == self.group_size and input_activations is None
+                and bool(weights["symmetric"]) == self.symmetric)
 
     def ct_export(self, weight: QuantizedWeight, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         # autoq's unsigned value is compressed-tensors' stored value (q + 8).
-        return {"weight_packed": P.pack_int32(P.unpack_int4(weight.qweight), 4),
-                "weight_zero_point": P.pack_int32(weight.zero_point.t(), 4).t().contiguous(),
-                "weight_scale": scale_out(weight.scale, model_dtype),
-                "weight_shape": torch.tensor([weight.out_features, weight.in_features])}
+        out = {"weight_packed": P.pack_int32(P.unpack_int4(weight.qweight), 4),
+               "weight_scale": scale_out(weight.scale, model_dtype),
+               "weight_shape": torch.tensor([weight.out_features, weight.in_features])}
+        if not self.symmetric:
+            out["weight_zero_point"] = P.pack_int32(weight.zero_point.t(), 4).t().contiguous()
+        return out
+
+    def ct_load_caveat(self) -> str | None:
+        if self.symmetric:
+            return None
+        from autoq import compat
+
+        if compat.plain_transformers_loads_asymmetric_int4():
+            return None
+        import compressed_tensors
+
+        return (f"asymmetric int4 ({self.name}): the installed compressed-tensors "
+                f"{compressed_tensors.__version__} cannot load it in transformers unless autoq is "
+                f"imported first (its 0.19 and older can; vLLM reads it); for a checkpoint every "
+                f"loader reads, search with the symmetric int4_sym_g{self.group_size} instead")
 
     def ct_import(self, name: str, weights: dict, tensors: dict[str, torch.Tensor],
                   out_features: int, in_features: int) -> QuantizedWeight:
@@ -201,7 +264,7 @@ class Int4Groups(Format):
         scale = tensors.pop(f"{name}.weight_scale").reshape(n, groups).to(torch.float16)
         zero_point = tensors.pop(f"{name}.weight_zero_point", None)
         if weights["symmetric"]:
-            zero_point = torch.full((n, groups), 8, dtype=torch.uint8, device=scale.device)
+            zero_point = self._implied_zero_point(scale)
         elif zero_point is None:
             raise ValueError(f"layer {name!r} is asymmetric but has no weight_zero_point")
         elif zero_point.dtype == torch.int32:  # packed along the output dimension
@@ -209,3 +272,12 @@ class Int4Groups(Format):
         else:  # older writers stored signed int8 zero points unpacked
             zero_point = (zero_point.reshape(n, groups).to(torch.int16) + 8).to(torch.uint8)
         return QuantizedWeight(P.pack_int4(unsigned), scale, zero_point, n, k, self.group_size)
+
+
+def fit_int4_symmetric(w_group: torch.Tensor) -> gptq.Int4GroupParams:
+    """GPTQ parameters of one symmetric int4 group ``[N, G]``: the scale
+    ``primitives.quantize_int4_symmetric`` would choose (fp16-exact) and the implied zero point 8."""
+    scale = P.choose_qparams_symmetric_mse(w_group.float(), (1, w_group.shape[1]))
+    scale = scale.to(torch.float16).float().clamp(min=P.SCALE_EPS)
+    zero_point = torch.full_like(scale, 8, dtype=torch.int32)
+    return gptq.Int4GroupParams(scale, zero_point, torch.full_like(scale, -8.0), torch.full_like(scale, 7.0))
