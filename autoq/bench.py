@@ -285,3 +285,31 @@ def benchmark(
     if report is not None:
         report(1.0, f"{len(jobs)} shapes, {len(new)} timings measured")
     return BenchResult(latency, dropped, new)
+
+
+def forward_seconds(models: dict[str, nn.Module], batch, rounds: int = 5,
+                    input_dtypes: dict[str, torch.dtype] | None = None) -> dict[str, float]:
+    """Median seconds of one whole forward of each model on ``batch`` (interleaved rounds, so a
+    noisy machine slows every model alike); ``input_dtypes[name]`` casts float inputs."""
+    from autoq.calibration import run_batch, to_device
+
+    calls = {}
+    for name, model in models.items():
+        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+        moved = to_device(batch, device)
+        if input_dtypes and name in input_dtypes:
+            moved = _floats_as(moved, input_dtypes[name])
+        probe = torch.empty(0, device=device)
+        calls[name] = ((lambda _, m=model, b=moved: run_batch(m, b)), probe)
+    return time_calls(calls, rounds=rounds, per_round=2, budget_s=5.0)
+
+
+def _floats_as(batch, dtype: torch.dtype):
+    def cast(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    if isinstance(batch, dict):
+        return {k: cast(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(cast(v) for v in batch)
+    return cast(batch)

@@ -71,6 +71,8 @@ def quantize(
                                    "or the per-user cache directory)"),
     method: str = typer.Option("rtn", "--method", help="how weights are quantized: rtn (round to nearest), "
                                "gptq (calibrated) or auto (per layer, whichever scores lower)"),
+    measure: bool = typer.Option(False, "--measure", help="time the float (own dtype and bf16) and the "
+                                 "quantized forward on a calibration batch (makes a bf16 copy)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Search the best format per layer, quantize, and write the checkpoint with plan.json."""
@@ -84,13 +86,18 @@ def quantize(
                               method=method, cache_dir=cache_dir)
         given_plan = Plan.load(plan_path) if plan_path is not None else None
         texts = read_calibration(calib) if given_plan is None else None
-        plan = run_pipeline(model, config, calibration_texts=texts, plan=given_plan, out_dir=out_dir,
-                            progress=not quiet).plan
+        if measure and texts is None:
+            texts = read_calibration(calib)
+        result = run_pipeline(model, config, calibration_texts=texts, plan=given_plan, out_dir=out_dir,
+                              progress=not quiet, measure=measure)
+        plan = result.plan
     except InfeasibleBudget as e:
         raise _fail(f"{e}; pass --bits {e.smallest:g} or more") from None
     except INPUT_ERRORS as e:
         raise _fail(str(e)) from None
     typer.echo(plan.summary(), nl=False)
+    if result.speed_summary():
+        out.print(result.speed_summary(), highlight=False)
     out.print(f"{'reused cached plan' if plan.from_cache else 'plan'} {plan.cache_key}; "
               f"checkpoint and plan.json written to {out_dir}", highlight=False)
 

@@ -8,14 +8,18 @@ usual. Either callback may raise to stop the job between steps.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from autoq.api import ProgressFn, apply, search
+from autoq.bench import forward_seconds
+from autoq.calibration import as_batches
 from autoq.config import SearchConfig
 from autoq.plan import Plan
 from autoq.stages import Stage
@@ -28,6 +32,27 @@ class QuantizeResult:
     model: nn.Module
     tokenizer: Any
     plan: Plan
+    # With measure=True: median seconds of one forward on the first calibration batch, of the
+    # float model in its own dtype ("float"), in bf16 ("bf16") and quantized ("quantized").
+    forward_seconds: dict[str, float] | None = None
+
+    def speed_summary(self) -> str | None:
+        """Predicted and measured speed against the float model, and what to do when slower."""
+        if not self.forward_seconds:
+            return None
+        t, totals = self.forward_seconds, self.plan.totals
+        text = (f"predicted quantizable-layer latency {totals.latency * 1e3:.2f} ms vs "
+                f"{totals.latency_unquantized * 1e3:.2f} ms unquantized ({totals.speedup:.2f}x); measured "
+                f"forward {t['quantized'] * 1e3:.1f} ms vs {t['float'] * 1e3:.1f} ms float "
+                f"({t['float'] / t['quantized']:.2f}x) and {t['bf16'] * 1e3:.1f} ms bf16 "
+                f"({t['bf16'] / t['quantized']:.2f}x)")
+        if t["quantized"] > t["float"]:
+            text += ("\nthe quantized model is slower than the float one at this batch shape on this "
+                     "machine: its kernels lose to the float GEMM here (see the plan's notes). For "
+                     "speed, search with objective='speed' or a larger budget, and calibrate at the "
+                     "shapes you will serve (e.g. batch 1 for decoding), where weight-only formats "
+                     "read 2-4x fewer bytes")
+        return text
 
 
 def calibration_batches(tokenizer, texts: Sequence[str] | None, source: str) -> list:
@@ -44,13 +69,14 @@ def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, 
              calibration: Any = None, calibration_texts: Sequence[str] | None = None,
              tokenizer: Any = None, plan: Plan | None = None, out_dir: str | Path | None = None,
              export_format: str | None = None, on_stage: StageFn | None = None,
-             progress: bool | ProgressFn = True) -> QuantizeResult:
+             progress: bool | ProgressFn = True, measure: bool = False) -> QuantizeResult:
     """Load ``model`` (a model object, ``bundled:minilm`` or a local Hugging Face directory),
     search a plan on the calibration (``calibration``: batches as ``autoq.search`` takes them;
     or ``calibration_texts``, tokenized with the model's tokenizer; default: autoq's bundled
     sentences) or take ``plan`` as given, quantize in place, and write the checkpoint to
     ``out_dir`` when given (compressed-tensors where it can express the model, else autoq's
-    format; or ``export_format``)."""
+    format; or ``export_format``). ``measure``: time the float (own dtype and bf16) and the
+    quantized model's forward on the first calibration batch (a bf16 copy is made for it)."""
     from autoq.checkpoint import save_quantized
     from autoq.models import load_model
 
@@ -66,19 +92,26 @@ def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, 
         stage(Stage.LOAD, f"loading {model}")
         loaded, tokenizer = load_model(model)
     batches = None
-    if plan is None or "gptq" in plan.methods().values():  # GPTQ weights need the calibration again
+    # GPTQ weights need the calibration again; measuring runs on its first batch.
+    if plan is None or measure or "gptq" in plan.methods().values():
         stage(Stage.CALIBRATION)
         batches = calibration if calibration is not None else \
             calibration_batches(tokenizer, calibration_texts, str(model) if not isinstance(model, nn.Module)
                                 else type(model).__name__)
     if plan is None:
         plan = search(loaded, batches, config, progress=progress)
+    timed: dict[str, float] = {}
+    if measure and batches:
+        timed = forward_seconds({"float": loaded, "bf16": copy.deepcopy(loaded).to(torch.bfloat16)},
+                                as_batches(batches)[0], input_dtypes={"bf16": torch.bfloat16})
     stage(Stage.APPLY)
     apply(loaded, plan, calibration=batches)
+    if measure and batches:
+        timed.update(forward_seconds({"quantized": loaded}, as_batches(batches)[0]))
     if out_dir is not None:
         stage(Stage.EXPORT, f"writing {export_format or 'the default'} checkpoint")
         save_quantized(loaded, Path(out_dir), tokenizer=tokenizer, format=export_format, plan=plan)
-    return QuantizeResult(loaded, tokenizer, plan)
+    return QuantizeResult(loaded, tokenizer, plan, timed or None)
 
 
 def autoquant(model: nn.Module, calibration, config: SearchConfig | None = None, *,

@@ -195,15 +195,19 @@ class Plan(BaseModel):
         table.add_column("format")
         table.add_column("bits", justify="right")
         table.add_column("bytes", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("latency", justify="right")
+        table.add_column("method")
+        table.add_column("sensitivity", justify="right")
+        table.add_column("predicted latency", justify="right")
+        table.add_column("vs none", justify="right")
         table.add_column("dropped", overflow="fold")
         for name, layer in self.layers.items():
             fmt = layer.format
             table.add_row(
                 name, f"{layer.out_features}x{layer.in_features}", fmt, f"{layer.bits[fmt]:.2f}",
-                f"{layer_bytes(layer.numel, layer.bits[fmt]):,}", f"{layer.sensitivity[fmt]:.3g}",
-                f"{layer.latency[fmt] * 1e6:.0f} us", ", ".join(layer.dropped),
+                f"{layer_bytes(layer.numel, layer.bits[fmt]):,}", layer.method, f"{layer.sensitivity[fmt]:.3g}",
+                f"{layer.latency[fmt] * 1e6:.0f} us",
+                f"{layer.latency['none'] / layer.latency[fmt]:.2f}x" if layer.latency.get(fmt) and "none" in layer.latency
+                else "", ", ".join(layer.dropped),
             )
         t = self.totals
         buffer = io.StringIO()

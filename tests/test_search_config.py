@@ -215,3 +215,18 @@ def test_pipeline_reports_its_stages_and_writes_the_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         autoq.quantize("bundled:minilm", plan=result.plan, out_dir=tmp_path / "never", on_stage=stop)
     assert not (tmp_path / "never").exists()
+
+
+def test_measured_speed_is_reported_and_a_slower_plan_says_why(tmp_path):
+    model = TwoLayers()
+    result = autoq.quantize(model, SearchConfig(effective_bits=9.0, formats=["int8_weight_only"],
+                                                cache_dir=str(tmp_path)),
+                            calibration=batches(), progress=False, measure=True)
+    assert set(result.forward_seconds) == {"float", "bf16", "quantized"}
+    assert all(t > 0 for t in result.forward_seconds.values())
+    assert "measured forward" in result.speed_summary()
+    result.forward_seconds = {"float": 1.0, "bf16": 1.5, "quantized": 2.0}
+    summary = result.speed_summary()
+    assert "0.50x" in summary and "slower than the float one" in summary and "objective='speed'" in summary
+    result.forward_seconds = {"float": 2.0, "bf16": 1.5, "quantized": 1.0}
+    assert "slower" not in result.speed_summary()
