@@ -47,7 +47,7 @@ def test_check_fails_on_an_over_budget_gemv_loop():
     assert "over the budget of 0.1" in result.stdout
 
 
-def test_check_fails_on_a_kernel_that_does_not_compile():
+def test_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
     script = textwrap.dedent("""
         import triton
         import triton.language as tl
@@ -66,6 +66,8 @@ def test_check_fails_on_a_kernel_that_does_not_compile():
         [result] = aot.run_jobs([job], workers=1, source_for=source)
         print("\\n".join(aot.problems(result)))
     """)
-    result = run_python(["-c", script], timeout=300)
+    path = tmp_path / "broken_kernel.py"  # @triton.jit reads its function's source file
+    path.write_text(script)
+    result = run_python([str(path)], timeout=300)
     assert result.returncode == 0, result.stderr
     assert "does not compile" in result.stdout and "undefined_name" in result.stdout

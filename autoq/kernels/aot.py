@@ -324,8 +324,10 @@ def stage_bytes(ttgir: str) -> int:
 
 def _describe(err: BaseException) -> str:
     """One line for a compile error: its kind, where, and the cause Triton wraps."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip(" ^")]
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip(" ^")]
     text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    if len(lines) > 1:
+        text += f" {lines[-1]}"  # Triton puts the reason last, after the source excerpt
     if err.__cause__ is not None:
         text += f" ({type(err.__cause__).__name__}: {str(err.__cause__).splitlines()[0]})"
     return text.replace("|", "/")[:300]
@@ -412,8 +414,8 @@ def markdown(results: list[Result], title: str, seconds: float) -> str:
         f"{' --all' if title == 'all candidates' else ''}`; {len(results)} compiles in "
         f"{seconds:.0f} s on {os.cpu_count()} CPUs. *default* = `tuning.default_config` "
         "(runs when tuning is off); smem = shared memory per block; smem/stage = one slot of the "
-        "software pipeline's ring buffers (the loads of one K step); spills = STL/LDL instructions; tc = tensor-core instruction in the SASS; "
-        "instr/weight = SASS instructions of the GEMV main loop per weight (per thread).",
+        "software pipeline's ring buffers (the loads of one K step); spills = STL/LDL "
+        "instructions; tc = tensor-core instruction in the SASS; instr/weight = SASS instructions of the GEMV main loop per weight (per thread).",
         "",
         "| kernel | config | default | dtype | arch | regs | smem KiB | smem/stage KiB | spills "
         "| tc | instr/weight |",
@@ -432,7 +434,51 @@ def markdown(results: list[Result], title: str, seconds: float) -> str:
             f"{r.spills} | {r.tensor_core or '-'} | {per_weight} |")
     found = [p for r in results for p in r.problems]
     lines += ["", "## Problems", ""] + ([f"- {p}" for p in found] or ["none"])
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines[:4] + summary(results) + lines[4:]) + "\n"
+
+
+def summary(results: list[Result]) -> list[str]:
+    """Headline figures of the default configs: the GEMV loops' instructions per weight, and
+    the int4 GEMM's shared memory per stage next to the int8 weight-only GEMM's (same tile)."""
+    ok = [r for r in results if r.error is None and r.job.default]
+    out = ["## Summary (default configs)", "",
+           "| GEMV main loop, SASS instructions per weight (worst default) | sm_80 | sm_90 |",
+           "|---|---:|---:|"]
+    for family in ("int4", "int8_weight_only"):
+        for dtype in ("bf16", "fp16", "fp32"):
+            cells = []
+            for arch in ARCHS:
+                values = [r.per_weight for r in ok if r.job.family == family and r.job.arch == arch
+                          and r.job.dtype == dtype and r.per_weight is not None]
+                cells.append(f"{max(values):.2f}" if values else "")
+            if any(cells):
+                note = f" (budget {GEMV_BUDGET[family]})" if dtype != "fp32" else " (plain path)"
+                out.append(f"| {family} {dtype}{note} | " + " | ".join(cells) + " |")
+    out += ["", "| GEMM tile (bf16) | arch | int4 smem/stage KiB (worst group) | "
+            "int8_weight_only smem/stage KiB | int4 smem KiB | int8_weight_only smem KiB |",
+            "|---|---|---:|---:|---:|---:|"]
+
+    def tile(job: Job) -> tuple:
+        c = job.config
+        return (c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)
+
+    int8 = {(tile(r.job), r.job.arch): r for r in ok if r.job.family == "int8_weight_only"
+            and r.job.config.kernel == "mm" and r.job.dtype == "bf16"}
+    seen = set()
+    for r in ok:
+        key = (tile(r.job), r.job.arch)
+        if (r.job.family != "int4" or r.job.config.kernel != "mm" or r.job.dtype != "bf16"
+                or key not in int8 or key in seen):
+            continue
+        seen.add(key)
+        same = [o for o in ok if o.job.family == "int4" and o.job.dtype == "bf16"
+                and (tile(o.job), o.job.arch) == key]
+        worst = max(same, key=lambda o: o.shared_per_stage)
+        m, n, k, split, warps, stages = key[0]
+        out.append(f"| m{m} n{n} k{k} s{split} w{warps} st{stages} | sm_{key[1]} | "
+                   f"{_kib(worst.shared_per_stage)} | {_kib(int8[key].shared_per_stage)} | "
+                   f"{_kib(max(o.shared for o in same))} | {_kib(int8[key].shared)} |")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
