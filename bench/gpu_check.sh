@@ -2,8 +2,8 @@
 # One GPU session's checks of the Triton kernels, in <= 8 minutes on one H100 / H200:
 #   1. the kernel tests on the GPU (tests/test_triton_kernels.py without TRITON_INTERPRET:
 #      the packed CUDA GEMV paths, split-K, CUDA-graph capture), default configs;
-#   2. bench/kernels.py with default configs on the Llama shapes (M = 1, 16, 256), which
-#      writes bench/results/kernels-<gpu>.md;
+#   2. bench/kernels.py with default configs on the Llama shapes (M = 1, 16, 256) and the decode
+#      tokens/s of a Llama-1B-shaped stack per format; it writes bench/results/kernels-<gpu>.md;
 #   3. if time is left, the tuned M = 1 row of 4096x14336 (tuning compiles every candidate).
 # Each stage has its own time limit, so a slow or failing stage cannot eat the others' time.
 # Output: bench/results/kernels-<gpu>.md and bench/results/gpu-check-<gpu>.log (also copied
@@ -47,8 +47,8 @@ done
 TESTS=$(( TESTS_A > TESTS_B ? TESTS_A : TESTS_B ))
 say "tests exit status: int4 $TESTS_A, rest $TESTS_B (124 = time limit)"
 
-say "2/3 bench/kernels.py, default configs (limit 200 s)"
-timeout 200 $PY bench/kernels.py --no-tune --ms 1 16 256 --rep 30 \
+say "2/3 bench/kernels.py, default configs, plus decode tokens/s (limit 210 s)"
+timeout 210 $PY bench/kernels.py --no-tune --ms 1 16 256 --rep 30 --decode \
     --shapes 4096x14336 14336x4096 4096x4096 2>&1 | tee -a "$LOG"
 BENCH=${PIPESTATUS[0]}
 say "bench exit status: $BENCH"

@@ -140,6 +140,73 @@ class Layer:
         return errors
 
 
+LLAMA_1B = {"hidden": 2048, "intermediate": 8192, "kv": 512, "layers": 16}  # Llama-3.2-1B
+DECODE_FORMATS = ["bf16", "int8_weight_only", "int8_dynamic", "int4_g128"]
+
+
+def decode_report(rep_ms: int) -> list[str]:
+    """Decode tokens/s of the linear layers of a random-init Llama-1B-shaped stack per format
+    (M = 1; q, k, v, o, gate, up, down per layer; attention left out), eager and replayed
+    from a CUDA graph (which also shows that a step captures: nothing in it synchronises)."""
+    import torch.nn as nn
+
+    from autoq.modules import quantize_layer
+
+    h, i, kv, n_layers = (LLAMA_1B[key] for key in ("hidden", "intermediate", "kv", "layers"))
+    shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h),
+              "down": (h, i)}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lines = ["", f"Decode, linear layers of a Llama-1B-shaped stack ({n_layers} layers, hidden {h}, "
+             f"intermediate {i}; attention left out), M = 1, bf16 activations: tokens/s", "",
+             "| format | eager tokens/s | CUDA graph tokens/s | vs bf16 (graph) |",
+             "|---|---:|---:|---:|"]
+    base = None
+    for fmt in DECODE_FORMATS:
+        try:
+            layers = []
+            for _ in range(n_layers):
+                layer = {}
+                for name, (n, k) in shapes.items():
+                    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+                    if fmt == "bf16":
+                        layer[name] = nn.Linear(k, n, bias=False, device="cuda",
+                                                dtype=torch.bfloat16)
+                        layer[name].weight.data.copy_(w)
+                    else:
+                        layer[name] = quantize_layer(w.float(), None, fmt)
+                layers.append(layer)
+
+            def step(x, layers=layers):
+                for layer in layers:
+                    layer["k"](x), layer["v"](x)  # launched, unused: attention is left out
+                    x = x + layer["o"](layer["q"](x))
+                    x = x + layer["down"](F.silu(layer["gate"](x)) * layer["up"](x))
+                return x
+
+            x = torch.randn(1, h, device="cuda", generator=g).to(torch.bfloat16)
+            with torch.no_grad():
+                step(x)  # compiles and prepares every layer
+                eager_us = median_us(lambda x=x: step(x), rep_ms)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    step(x)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step(x)
+                graph_us = median_us(graph.replay, rep_ms)
+            base = graph_us if fmt == "bf16" else base
+            speedup = f"{base / graph_us:.2f}x" if base else ""
+            lines.append(f"| {fmt} | {1e6 / eager_us:.0f} | {1e6 / graph_us:.0f} | {speedup} |")
+        except Exception as err:  # noqa: BLE001 - report the failure, go on with the next format
+            lines.append(f"| {fmt} | failed: {type(err).__name__}: {str(err)[:120]} | | |")
+        print(lines[-1], flush=True)
+        layers = None
+        torch.cuda.empty_cache()
+    return lines
+
+
 def gpu_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
@@ -154,6 +221,8 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true",
                         help="use the default kernel configs instead of tuning (AUTOQ_AUTOTUNE=0)")
     parser.add_argument("--out", type=Path, default=None, help="markdown output path")
+    parser.add_argument("--decode", action="store_true",
+                        help="also time decode tokens/s of a Llama-1B-shaped stack per format")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -246,6 +315,8 @@ def main() -> None:
               + ", ".join(f"{c} {e:.1e}" for c, e in worst_errors.items()),
               "", "Targets (not asserted):", TARGETS, "", target_report(results, shapes, args.ms,
                                                                          bandwidth, group)]
+    if args.decode:
+        lines += decode_report(args.rep)
     text = "\n".join(lines) + "\n"
     print("\n".join(lines[tail_start:]))
     out = args.out or Path(__file__).parent / "results" / f"kernels-{gpu_slug(gpu)}.md"
