@@ -16,13 +16,19 @@ Same bytes as the checkpoint (0.5 byte per weight plus 3 bytes per group); ``w =
 
 Kernels:
 
-- GEMV (M <= 4, split-K): each program owns ``BLOCK_N`` columns and one K slice and streams
-  ``[BLOCK_K // 8, BLOCK_N]`` word tiles. Each of the 8 nibbles of a word is turned into a float
-  with the magic-number trick (no I2F), ``q - zp`` is exact, and the per-group scale multiplies
-  a partial sum over the word's 8 values rather than each value. fp32 throughout.
-- tiled GEMM (``tl.dot``, optionally split-K for small M): a ``[BLOCK_K, BLOCK_N]`` tile is
-  unpacked, dequantized (``BLOCK_K`` divides G, so one scale / zero point per column and tile)
-  and converted to the activation dtype in registers, then fed to ``tl.dot`` (fp32 accumulation).
+- GEMV (M = 1; split-K when N gives too few programs): each program owns ``BLOCK_N`` columns
+  and one K slice; a K tile is cut into segments (one per row of the thread layout, each inside
+  one group) so that a thread loads and prepares a scale / zero point once per segment and
+  column. On CUDA with 16-bit activations (``PACKED``) the dequantization is PTX that handles
+  two weights per instruction (``_dot_ptx``: lop3 into fp16 / bf16 pairs, packed add / fma),
+  activations come in 16-byte loads, and the products are summed in 16-bit pairs over 4 words
+  before fp32: ~2.3 SASS instructions per weight (``python -m autoq.kernels.aot``). Elsewhere
+  (fp32, the interpreter) the plain path turns each nibble into a float with the magic-number
+  trick (no I2F): ``q - zp`` is exact, fp32 throughout.
+- tiled GEMM (``tl.dot``, optionally split-K for small M): each packed word is loaded once per
+  tile (``[BLOCK_K // 8, BLOCK_N]``: half the int8 kernel's bytes per pipeline stage) and
+  repeated in registers for its 8 K rows; ``q - zp`` stays an exact int8 until it becomes the
+  dot operand, and the tile's scale (``BLOCK_K`` divides G) multiplies the tile's product.
 - dequantize + cuBLAS: a kernel writes the dequantized ``W^T`` in the activation dtype, then
   ``F.linear``; used only where the tuner measured it faster (large M).
 """

@@ -20,9 +20,12 @@ int8_dynamic (W8A8)
     round half to even, clamp to [-127, 127]; the int32 accumulation is exact.
 
 int8_weight_only (W8A16)
-    - GEMV (M <= 4): each program owns ``BLOCK_N`` rows of the weight and one K slice
-      (split-K), streams the rows with wide loads and accumulates in fp32; the per-channel scale
-      is applied once at the end.
+    - GEMV (M = 1): each program owns ``BLOCK_N`` rows of the weight and one K slice
+      (split-K when N gives too few programs), streams the rows with wide loads; the
+      per-channel scale is applied once at the end. On CUDA with 16-bit activations, in-bounds
+      tiles and aligned rows, a packed PTX path (``_int8_gemv_packed_kernel``) dequantizes two
+      weights per instruction into fp16 pairs (~2.3 SASS instructions per weight); otherwise
+      fp32 throughout.
     - tiled GEMM: the int8 tile is converted to the activation dtype (exact: |q| <= 127) and fed
       to ``tl.dot``; the scale is applied in the epilogue, so the dequantized weight is exact.
     - dequantize + cuBLAS: a kernel writes ``q * scale`` in the activation dtype, then

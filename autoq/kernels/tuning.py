@@ -43,7 +43,7 @@ class Traits:
 
     name: str  # the tuning-cache namespace, e.g. "int4"
     weight_only: bool  # float activations: the GEMV and dequantize + cuBLAS paths exist
-    gemv_tiles: tuple[tuple[int, int], ...] = ()  # (block_n, block_k) candidates for M <= 4
+    gemv_tiles: tuple[tuple[int, int], ...] = ()  # (block_n, block_k) candidates for M = 1
     default_gemv_block_n: int = 32
     default_gemv_block_k: int = 256
 
@@ -112,8 +112,8 @@ GEMV_PROGRAMS = 256  # programs an M = 1 GEMV wants in flight (~2 per SM of an H
 
 def gemv_split(n: int, k: int, block_n: int, block_k: int) -> int:
     """Split-K of the default M = 1 GEMV: none when the N blocks alone give GEMV_PROGRAMS
-    programs (then the kernel writes y itself: one launch, no zeroed fp32 buffer, no cast);
-    else the smallest split that does, among those whose slices are whole tiles."""
+    programs (each program then stores its columns of y directly, no atomics); else the
+    smallest split that does, among those whose slices are whole tiles."""
     columns = -(-n // block_n)
     best = 1
     for split in (1, 2, 4, 8):
