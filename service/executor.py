@@ -75,7 +75,11 @@ def worker_main(settings_data: dict, worker_id: str, torch_threads: int) -> None
             time.sleep(settings.poll_seconds)
             continue
         log.info("claimed %s (attempt %d)", job.id, job.attempts)
-        jobs.run_job(settings, store, job, worker_id)
+        try:
+            jobs.run_job(settings, store, job, worker_id)
+        except Exception:  # e.g. the database went away mid-job: the lease re-queues the job
+            log.exception("job %s: the worker could not finish its bookkeeping", job.id)
+            time.sleep(settings.poll_seconds)
 
 
 def _exit_with_parent() -> None:

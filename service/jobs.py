@@ -47,18 +47,29 @@ class Interrupted(Exception):
         self.reason = reason
 
 
+# A cancel the job's own thread has not acted on this long after it was seen (a long tensor
+# operation between two progress callbacks) stops the worker process instead.
+CANCEL_GRACE_SECONDS = 0.8
+
+
 class JobMonitor:
     """Keeps the job's lease fresh and notices cancel requests, on a background thread.
 
     The thread runs while the main thread is busy in long tensor operations, so the lease does
-    not lapse between progress callbacks.
+    not lapse between progress callbacks. When a cancel is not acted on within
+    ``CANCEL_GRACE_SECONDS`` (no progress callback came), ``on_stuck`` is called from this thread:
+    the worker marks the job cancelled and ends its own process (see :func:`run_job`).
     """
 
-    def __init__(self, store: Store, job_id: str, worker_id: str, interval: float):
+    def __init__(self, store: Store, job_id: str, worker_id: str, interval: float,
+                 on_stuck: Callable[[], None] | None = None):
         self.store, self.job_id, self.worker_id, self.interval = store, job_id, worker_id, interval
+        self.on_stuck = on_stuck
         self.cancelled = threading.Event()
+        self.acknowledged = threading.Event()  # the job's thread raised Interrupted("cancelled")
         self.lost = threading.Event()
         self._stop = threading.Event()
+        self._cancel_seen = 0.0
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> JobMonitor:
@@ -70,7 +81,10 @@ class JobMonitor:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.interval if not self.cancelled.is_set() else 0.1):
+            if self.cancelled.is_set():
+                self._enforce_cancel()
+                continue
             try:
                 beat = self.store.heartbeat(self.job_id, self.worker_id)
             except Exception:  # a database hiccup: try again next beat
@@ -79,12 +93,21 @@ class JobMonitor:
             if not beat.owned:
                 self.lost.set()
             if beat.cancel_requested:
+                self._cancel_seen = time.monotonic()
                 self.cancelled.set()
+
+    def _enforce_cancel(self) -> None:
+        stuck = time.monotonic() - self._cancel_seen > CANCEL_GRACE_SECONDS
+        if stuck and not self.acknowledged.is_set() and self.on_stuck is not None and not self._stop.is_set():
+            log.warning("job %s: cancel not acted on within %.1f s; stopping the worker",
+                        self.job_id, CANCEL_GRACE_SECONDS)
+            self.on_stuck()
 
     def check(self) -> None:
         if self.lost.is_set():
             raise Interrupted("lost")
         if self.cancelled.is_set():
+            self.acknowledged.set()
             raise Interrupted("cancelled")
 
 
@@ -153,11 +176,25 @@ def overall_progress(stage: str, fraction: float) -> float:
     return min(1.0, STAGE_START[stage] + STAGE_WEIGHTS[stage] * fraction)
 
 
-def run_job(settings: Settings, store: Store, job: JobRow, worker_id: str) -> str:
-    """Run a job this worker has claimed; returns its final status (or "lost")."""
-    interval = min(1.0, settings.lease_seconds / 4)
+def stop_cancelled_job(settings: Settings, store: Store, job_id: str, worker_id: str,
+                       exit_process: Callable[[int], None] = os._exit) -> None:
+    """The last resort for a cancel: mark the job cancelled, remove what it wrote, and end this
+    worker process at once (its executor starts a fresh one)."""
+    if store.finish(job_id, worker_id, CANCELLED, message="cancelled (the worker was stopped)"):
+        remove_partial_artifacts(settings, job_id)
+        shutil.rmtree(artifact_dir(settings, job_id), ignore_errors=True)
+        log.info("job %s cancelled; worker %s exits", job_id, worker_id)
+        exit_process(4)
+
+
+def run_job(settings: Settings, store: Store, job: JobRow, worker_id: str, *,
+            hard_stop: bool = True) -> str:
+    """Run a job this worker has claimed; returns its final status (or "lost"). With
+    ``hard_stop`` a cancel the job does not act on in time ends this process (see JobMonitor)."""
+    interval = min(0.5, settings.lease_seconds / 4)
     remove_partial_artifacts(settings, job.id)
-    with JobMonitor(store, job.id, worker_id, interval) as monitor:
+    on_stuck = (lambda: stop_cancelled_job(settings, store, job.id, worker_id)) if hard_stop else None
+    with JobMonitor(store, job.id, worker_id, interval, on_stuck) as monitor:
         reporter = Reporter(store, job.id, worker_id, monitor)
         try:
             result = execute(settings, job, reporter)
@@ -171,7 +208,10 @@ def run_job(settings: Settings, store: Store, job: JobRow, worker_id: str) -> st
             log.exception("job %s failed", job.id)
             status, message, error, result = FAILED, "failed", readable_error(e, settings), {}
         finally:
-            reporter.close_stage()
+            try:
+                reporter.close_stage()
+            except Exception:  # a failing database write must not take the worker down
+                log.warning("job %s: could not record the last stage's time", job.id, exc_info=True)
             remove_partial_artifacts(settings, job.id)
     if not store.finish(job.id, worker_id, status, message=message, error=error, **result):
         log.warning("job %s: lost before it could be marked %s", job.id, status)
@@ -189,7 +229,7 @@ def execute(settings: Settings, job: JobRow, reporter: Reporter) -> dict[str, An
     request = JobCreate.model_validate(job.request)
     config = SearchConfig(effective_bits=request.effective_bits, formats=request.formats,
                           objective=request.objective, refine_trials=request.refine_trials,
-                          cache_dir=str(settings.plan_cache))
+                          method=request.method, cache_dir=str(settings.plan_cache))
     tmp = settings.artifacts_dir / f".tmp-{job.id}-{uuid.uuid4().hex[:8]}"
     checkpoint = tmp / "checkpoint"
     tmp.mkdir(parents=True)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from autoq import formats as format_registry
 from autoq.checkpoint import WRITERS
+from autoq.config import METHODS
 from autoq.models import BUNDLED
 from autoq.solve import OBJECTIVES
 
@@ -19,6 +20,7 @@ EventKind = Literal["status", "stage", "progress"]
 FormatName = Literal[tuple(format_registry.names())]  # type: ignore[valid-type]
 Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
 ExportFormat = Literal[tuple(WRITERS)]  # type: ignore[valid-type]
+Method = Literal[METHODS]  # type: ignore[valid-type]
 
 JOB_ID = r"^job_[0-9a-f]{32}$"
 MODEL_ID = r"^mdl_[0-9a-f]{32}$"
@@ -54,7 +56,8 @@ class JobCreate(Strict):
     )
     formats: list[FormatName] | None = Field(
         None, min_length=1, max_length=32, json_schema_extra={"uniqueItems": True},
-        description="Candidate formats, each at most once (default: all). See autoq.formats.",
+        description="Candidate formats, each at most once (default: every format whose export "
+                    "every loader reads, i.e. all but the asymmetric int4_g*). See autoq.formats.",
     )
     objective: Objective = Field("balanced", description=f"One of: {', '.join(OBJECTIVES)}.")
     calibration: Calibration | None = None
@@ -63,6 +66,9 @@ class JobCreate(Strict):
         description="Trials of the optional refinement stage (measured loss on held-out "
                     "calibration batches); 0 skips it.",
     )
+    method: Method = Field("rtn", description=(
+        "How weights are quantized: rtn (round to nearest), gptq (calibrated on the job's "
+        "calibration texts) or auto (per layer and format, whichever scores lower)."))
     export_format: ExportFormat | None = Field(None, description=(
         "Checkpoint format: compressed-tensors or autoq (default: compressed-tensors when the "
         "model can be expressed in it, else autoq)."))
@@ -128,6 +134,7 @@ class JobLinks(BaseModel):
     self: str
     events: str
     plan: str
+    report: str
     artifact: str
 
 

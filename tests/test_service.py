@@ -180,6 +180,27 @@ def test_uploaded_model_job_with_artifact_etag_and_range(client, tiny_model, tmp
     assert client.head(url).headers["etag"] == etag
 
 
+def test_gptq_job_and_its_report(client, tiny_model, tmp_path):
+    import autoq
+
+    job = submit(client, {"model": tiny_model, "effective_bits": 6, "method": "gptq",
+                          "formats": ["int8_weight_only", "int4_sym_g32"]})
+    assert client.get(job["links"]["report"]).status_code in (409, 200)
+    done = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
+    assert done["status"] == "succeeded", done
+    plan = client.get(f"/v1/jobs/{job['id']}/plan").json()
+    assert plan["settings"]["method"] == "gptq"
+    assert {layer["method"] for layer in plan["layers"].values() if layer["format"] != "none"} == {"gptq"}
+    model = autoq.load_quantized(download_checkpoint(client, job["id"], tmp_path))
+    assert autoq.layer_formats(model) == plan_formats(plan)
+
+    report = client.get(job["links"]["report"])
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert report.text.count("<svg") >= 4 and "http://" not in report.text
+    bad = client.post("/v1/jobs", json={"model": tiny_model, "effective_bits": 6, "method": "awq"})
+    assert bad.status_code == 422
+
+
 @pytest.mark.parametrize("kind", ["tar", "zip"])
 def test_upload_formats_accepted(client, tiny_dir, kind):
     if kind == "tar":

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.jobs import ARTIFACT_FILE, artifact_dir
@@ -57,7 +57,7 @@ def job_view(job: JobRow, timings: dict[str, float]) -> Job:
         started_at=timestamp(job.started_at), finished_at=timestamp(job.finished_at),
         updated_at=timestamp(job.updated_at),  # type: ignore[arg-type]
         links=JobLinks(self=base, events=f"{base}/events", plan=f"{base}/plan",
-                       artifact=f"{base}/artifact"),
+                       report=f"{base}/report", artifact=f"{base}/artifact"),
     )
 
 
@@ -215,6 +215,26 @@ def job_plan(store: StoreDep, job_id: JobId) -> dict[str, Any]:
         raise Refused(409, f"job {job_id} is {status}; its plan is available once it has "
                            f"succeeded")
     return plan
+
+
+REPORT_SECONDS = 3.0  # budget-curve solves stop after this; the page says when it is coarser
+
+
+# The route's own class stays JSON so the error bodies are documented as JSON; the page itself
+# is returned as an HTMLResponse.
+@router.get("/{job_id}/report", response_model=None, responses={
+    **errors(404, 409, 422), 200: {"content": {"text/html": {"schema": {"type": "string"}}},
+                                   "description": "A self-contained HTML page of the plan's charts."}})
+def job_report(store: StoreDep, job_id: JobId) -> HTMLResponse:
+    """The plan as one self-contained HTML page: bits per layer, sensitivity heatmap, predicted
+    latency, budget curve, dropped formats, stage times (as ``autoq plan report``)."""
+    from autoq.plan import Plan
+    from autoq.report import render_report
+
+    status, plan = found(store.get_plan(job_id), f"job {job_id}")
+    if plan is None:
+        raise Refused(409, f"job {job_id} is {status}; its report is available once it has succeeded")
+    return HTMLResponse(render_report(Plan.model_validate(plan), curve_seconds=REPORT_SECONDS))
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:
