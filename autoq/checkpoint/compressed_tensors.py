@@ -118,27 +118,64 @@ def _args_with_defaults(args: dict | None) -> dict | None:
     return full
 
 
-def describe_scheme(group: str, scheme: dict) -> str:
-    def one(args: dict | None) -> str:
-        args = _args_with_defaults(args)
-        if args is None:
-            return "none"
-        text = (
-            f"{args['type']}{args['num_bits']} "
-            f"{'symmetric' if args['symmetric'] else 'asymmetric'} "
-            f"{args['strategy']}"
-        )
-        if args["strategy"] == "group":
-            text += f" size {args['group_size']}"
-        if args["dynamic"]:
-            text += " dynamic"
-        return text
-
-    return (
-        f"config group {group!r} (weights: {one(scheme.get('weights'))}; input activations: "
-        f"{one(scheme.get('input_activations'))}; output activations: "
-        f"{one(scheme.get('output_activations'))})"
+def describe_args(args: dict | None) -> str:
+    """QuantizationArgs in words, e.g. ``int4 symmetric group size 128``."""
+    args = _args_with_defaults(args)
+    if args is None:
+        return "none"
+    text = (
+        f"{args['type']}{args['num_bits']} "
+        f"{'symmetric' if args['symmetric'] else 'asymmetric'} "
+        f"{args['strategy']}"
     )
+    if args["strategy"] == "group":
+        text += f" size {args['group_size']}"
+    if args["dynamic"]:
+        text += " dynamic"
+    return text
+
+
+def describe_scheme(group: str, scheme: dict) -> str:
+    return (
+        f"config group {group!r} (weights: {describe_args(scheme.get('weights'))}; input "
+        f"activations: {describe_args(scheme.get('input_activations'))}; output activations: "
+        f"{describe_args(scheme.get('output_activations'))})"
+    )
+
+
+# What identifies a scheme; observers, scale and zero-point dtypes do not change what runs.
+_SCHEME_KEYS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+_ACTIVATIONS = ("weights", "input_activations", "output_activations")
+
+
+def preset_names(scheme: dict) -> list[str]:
+    """The compressed-tensors presets (``W8A16``, ``FP8``, ...) that are this scheme, as
+    llm-compressor's ``scheme=`` writes them; empty when none is or compressed-tensors is absent."""
+    try:
+        from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    except ImportError:
+        return []
+
+    def key(args: dict | None) -> tuple | None:
+        full = _args_with_defaults(args)
+        return None if full is None else tuple(str(full[k]) for k in _SCHEME_KEYS)
+
+    def preset_args(args) -> dict | None:
+        return None if args is None else args.model_dump(mode="json")
+
+    wanted = tuple(key(scheme.get(a)) for a in _ACTIVATIONS)
+    return [
+        name
+        for name, preset in PRESET_SCHEMES.items()
+        if tuple(key(preset_args(preset.get(a))) for a in _ACTIVATIONS) == wanted
+    ]
+
+
+def _named(group: str, scheme: dict) -> str:
+    """A scheme for an error message: its config group, arguments and preset name if any."""
+    presets = preset_names(scheme)
+    named = f" (compressed-tensors' {' / '.join(presets)} preset)" if presets else ""
+    return describe_scheme(group, scheme) + named
 
 
 def format_for_scheme(group: str, scheme: dict) -> str:
@@ -150,7 +187,7 @@ def format_for_scheme(group: str, scheme: dict) -> str:
             if fmt.quantized and fmt.ct_accepts(weights, acts):
                 return fmt.name
     readable = "; ".join(f"{f.name} ({f.description})" for f in formats.all_formats() if f.quantized)
-    raise ValueError(f"{describe_scheme(group, scheme)} has no autoq format. autoq reads: {readable}")
+    raise ValueError(f"{_named(group, scheme)} has no autoq format. autoq reads: {readable}")
 
 
 # --------------------------------------------------------------------------- packing
@@ -416,9 +453,10 @@ def _scheme_of(
 
 
 def _check_supported(qconfig: dict) -> None:
-    if qconfig.get("kv_cache_scheme"):
+    if kv_cache := qconfig.get("kv_cache_scheme"):
         raise ValueError(
-            "this compressed-tensors checkpoint quantizes the KV cache, which autoq cannot run"
+            f"this compressed-tensors checkpoint quantizes the KV cache (kv_cache_scheme: "
+            f"{describe_args(kv_cache)}), which autoq cannot run"
         )
     if qconfig.get("transform_config"):
         raise ValueError(
@@ -522,13 +560,13 @@ def load(path: Path, model=None, device: str = "cpu") -> nn.Module:
         if group is None or groups[group].get("weights") is None:
             if group is not None and groups[group].get("input_activations") is not None:
                 raise ValueError(
-                    f"{describe_scheme(group, groups[group])} quantizes activations only; "
+                    f"{_named(group, groups[group])} quantizes activations only; "
                     "autoq cannot run it"
                 )
             continue
         if isinstance(module, nn.Embedding):
             raise ValueError(
-                f"{describe_scheme(group, groups[group])} quantizes embedding {name!r}; autoq "
+                f"{_named(group, groups[group])} quantizes embedding {name!r}; autoq "
                 "quantizes Linear layers only"
             )
         format_name = format_for_scheme(group, groups[group])
