@@ -198,6 +198,24 @@ class Format:
         raise ValueError(f"format {self.name!r} has no compressed-tensors layout")
 
 
+class PerChannel(Format):
+    """Formats with 8-bit weight values (``value_dtype``) and one fp32 scale per output channel:
+    ``w = q * scale``."""
+
+    weight_bits = 8
+    value_dtype: ClassVar[torch.dtype]
+
+    def storage_bits(self, out_features: int, in_features: int) -> float:
+        return 8.0 + 32 / in_features
+
+    def tensor_specs(self, out_features: int, in_features: int) -> TensorSpecs:
+        return {"qweight": ((out_features, in_features), self.value_dtype),
+                "scale": ((out_features,), torch.float32)}
+
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (weight.qweight.float() * weight.scale.float()[:, None]).to(dtype)
+
+
 class Unquantized(Format):
     """``none``: the float layer stays; counted as 16 bits per weight."""
 

@@ -21,10 +21,9 @@ import torch
 
 from autoq import primitives as P
 from autoq.formats.base import (
-    Format,
     GPTQGrid,
+    PerChannel,
     QuantizedWeight,
-    TensorSpecs,
     int_args,
     plain_weights,
     scale_out,
@@ -53,13 +52,10 @@ def fake_quant_fp8(w_cols: torch.Tensor, params: Fp8ChannelParams, col_offset: i
     return q.to(torch.float8_e4m3fn).float() * params.scale
 
 
-class Fp8PerChannel(Format):
+class Fp8PerChannel(PerChannel):
     """float8_e4m3fn weights, one fp32 scale per output channel."""
 
-    weight_bits = 8
-
-    def storage_bits(self, out_features: int, in_features: int) -> float:
-        return 8.0 + 32 / in_features
+    value_dtype = torch.float8_e4m3fn
 
     def unsupported_reason(self, device: torch.device) -> str | None:
         if device.type == "cuda":
@@ -69,17 +65,10 @@ class Fp8PerChannel(Format):
                         f"sm_{capability[0]}{capability[1]}")
         return None
 
-    def tensor_specs(self, out_features: int, in_features: int) -> TensorSpecs:
-        return {"qweight": ((out_features, in_features), torch.float8_e4m3fn),
-                "scale": ((out_features,), torch.float32)}
-
     def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         n, k = weight.shape
         q, scale = P.quantize_fp8_e4m3(weight, (1, k))
         return QuantizedWeight(q, scale.reshape(-1), None, n, k)
-
-    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (weight.qweight.float() * weight.scale.float()[:, None]).to(dtype)
 
     def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid:
         def encode(w_hat: torch.Tensor, params: list) -> QuantizedWeight:

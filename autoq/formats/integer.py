@@ -37,6 +37,7 @@ from autoq import primitives as P
 from autoq.formats.base import (
     Format,
     GPTQGrid,
+    PerChannel,
     QuantizedWeight,
     TensorSpecs,
     int_args,
@@ -65,25 +66,15 @@ def pop_int_weight(name: str, tensors: dict[str, torch.Tensor], num_bits: int,
     return unsigned
 
 
-class Int8PerChannel(Format):
+class Int8PerChannel(PerChannel):
     """int8 symmetric weights, one fp32 scale per output channel."""
 
-    weight_bits = 8
-
-    def storage_bits(self, out_features: int, in_features: int) -> float:
-        return 8.0 + 32 / in_features
-
-    def tensor_specs(self, out_features: int, in_features: int) -> TensorSpecs:
-        return {"qweight": ((out_features, in_features), torch.int8),
-                "scale": ((out_features,), torch.float32)}
+    value_dtype = torch.int8
 
     def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         n, k = weight.shape
         q, scale = P.quantize_int8_symmetric(weight, (1, k))
         return QuantizedWeight(q, scale.reshape(-1), None, n, k)
-
-    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (weight.qweight.float() * weight.scale.float()[:, None]).to(dtype)
 
     def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid:
         def encode(w_hat: torch.Tensor, params: list) -> QuantizedWeight:
