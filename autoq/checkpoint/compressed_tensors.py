@@ -49,7 +49,9 @@ autoq's own format instead, with a warning that says why. vLLM fuses some siblin
 
 Loading (:func:`load`) reads these checkpoints, and ones compressed-tensors writes for the
 schemes above (int4 symmetric groups too, with zero point 8), into autoq's modules without making
-float weights; other schemes raise an error naming them. compressed-tensors rounds int8 weights
+float weights; other schemes raise an error naming them, and the compressed-tensors preset they
+are when one is (llm-compressor's ``W8A16`` preset is int8 in groups of 128, which no autoq
+format stores; ``FP8`` has a static activation scale; ``NVFP4``, ``W4A8``, KV-cache schemes). compressed-tensors rounds int8 weights
 with ``absmax / 127.5``, so its checkpoints may hold -128, which autoq's int8 kernels accept.
 Buffers no checkpoint holds (rotary ``inv_freq``) are recomputed by the model's ``_init_weights``,
 as transformers does, so they come back in their constructor's dtype (fp32) even if the saved
