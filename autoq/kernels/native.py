@@ -17,7 +17,7 @@ Paths (``PATHS`` per format; which are candidates depends on the ISA, ``autoq.ke
   fp32 GEMV / GEMM, exact up to fp32 rounding of the int32 sums).
 
 Choice (``choose_path``): per key ``format|activation dtype|M bucket|N|K|group|ISA`` the candidates
-are timed once, on first use, interleaved (median of a few rounds in ``TUNE_BUDGET_S``), and the
+are timed once, on first use, interleaved (best of a few rounds in ``TUNE_BUDGET_S``), and the
 winner is kept in memory and in ``$AUTOQ_CACHE_DIR/kernels/cpu-<CPU model>.json``.
 ``AUTOQ_CPU_AUTOTUNE=0`` skips the timing and takes ``rule_of_thumb``'s path. The search's
 benchmark stage times the modules, so it sees the path chosen here.
@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ DEQUANT_GEMM_MIN_M = 128  # rule of thumb: from here dequantize + GEMM beats the
 DEQUANT_CHUNK_ROWS = 256
 GEMV_MAX_M = 4  # the GEMV reads the weight once per row of x: past a few rows the GEMM wins
 TUNE_BUDGET_S = 0.005  # timing budget per key after one warm-up call per path
-TUNE_MIN_ROUNDS, TUNE_MAX_ROUNDS = 3, 15
+TUNE_MIN_ROUNDS, TUNE_MAX_ROUNDS = 5, 25
 AUTOTUNE_ENV = "AUTOQ_CPU_AUTOTUNE"
 CACHE_FORMAT = 1
 
@@ -222,8 +221,11 @@ def autotune_enabled() -> bool:
 
 
 def time_paths(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median milliseconds of each call: one warm-up each, then interleaved rounds (so that a
-    noisy neighbour slows every path alike) until ``TUNE_BUDGET_S`` or ``TUNE_MAX_ROUNDS``."""
+    """Fastest milliseconds of each call: one warm-up each, then interleaved rounds (so that a
+    noisy neighbour slows every path alike) until ``TUNE_BUDGET_S`` or ``TUNE_MAX_ROUNDS``.
+
+    The minimum, not the median: on a shared CPU, being descheduled for a time slice (~10 ms)
+    only adds time, and in a few-ms window it can hit most of one path's rounds."""
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -235,7 +237,7 @@ def time_paths(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
             t0 = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {name: min(ts) * 1e3 for name, ts in times.items()}
 
 
 @dataclass
