@@ -172,6 +172,37 @@ void autoq_gemv_int4(const float *x, const uint8_t *q, const uint16_t *scale, co
     free(xe);
 }
 
+/* ---- dequantization to fp32, one pass (the dequant_fp32 path's chunks) ----
+ * Plain loops that GCC vectorises; target_clones adds an AVX2 build picked at load time. */
+
+__attribute__((target_clones("avx2", "default")))
+void autoq_dequant_int8(const int8_t *q, const float *scale, float *out, int64_t n, int64_t k, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const float s = scale[r];
+        for (int64_t j = 0; j < k; ++j) out[r * k + j] = (float)q[r * k + j] * s;
+    }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void autoq_dequant_int4(const uint8_t *q, const uint16_t *scale, const uint8_t *zp, float *out,
+                        int64_t n, int64_t k, int64_t group, int threads) {
+    int64_t groups = k / group, half = group / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        for (int64_t g = 0; g < groups; ++g) {
+            const float s = half_to_float(scale[r * groups + g]);
+            const float z = (float)zp[r * groups + g] * s;
+            const uint8_t *src = q + r * (k / 2) + g * half;
+            float *dst = out + r * k + g * group;
+            for (int64_t b = 0; b < half; ++b) {
+                dst[2 * b] = (float)(src[b] & 15) * s - z;
+                dst[2 * b + 1] = (float)(src[b] >> 4) * s - z;
+            }
+        }
+    }
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gemv",
                                     "autoq's CPU GEMV kernels (called through ctypes)", -1, NULL};
 

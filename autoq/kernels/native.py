@@ -110,7 +110,10 @@ def gemv_library() -> ctypes.CDLL | None:
             vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.autoq_gemv_int8.argtypes = [vp, vp, vp, vp, i64, i64, i32, i32]
             lib.autoq_gemv_int4.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i32, i32]
-            lib.autoq_gemv_int8.restype = lib.autoq_gemv_int4.restype = None
+            lib.autoq_dequant_int8.argtypes = [vp, vp, vp, i64, i64, i32]
+            lib.autoq_dequant_int4.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32]
+            for fn in (lib.autoq_gemv_int8, lib.autoq_gemv_int4, lib.autoq_dequant_int8, lib.autoq_dequant_int4):
+                fn.restype = None
             _GEMV = lib
     return _GEMV
 
@@ -145,6 +148,33 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_
         lib.autoq_gemv_int4(x[row].data_ptr(), qweight.data_ptr(), scale.data_ptr(), zero_point.data_ptr(),
                             y[row].data_ptr(), n, k, group_size, isa, threads)
     return y
+
+
+def dequant_int8_fp32(weight: QuantizedWeight) -> torch.Tensor:
+    """``qweight * scale[:, None]`` in fp32: one pass in C when built (torch: two)."""
+    lib = gemv_library()
+    if lib is None:
+        return weight.qweight.float() * weight.scale.float()[:, None]
+    q, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lib.autoq_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
+                           torch.get_num_threads())
+    return out
+
+
+def dequant_int4_fp32(weight: QuantizedWeight) -> torch.Tensor | None:
+    """``(q - zero_point) * scale`` in fp32 in one pass in C (``None`` when not built; torch takes
+    six passes: unpack, cast, subtract, multiply...)."""
+    lib = gemv_library()
+    if lib is None or weight.group_size % 2:
+        return None
+    q = weight.qweight.contiguous()
+    scale = weight.scale.to(torch.float16).contiguous()
+    zero_point = weight.zero_point.to(torch.uint8).contiguous()
+    out = torch.empty(weight.out_features, weight.in_features, dtype=torch.float32)
+    lib.autoq_dequant_int4(q.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), out.data_ptr(),
+                           weight.out_features, weight.in_features, weight.group_size, torch.get_num_threads())
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +437,8 @@ class Int8WeightOnlyNative(WeightOnlyNative):
     kind = "int8_weight_only"
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+        if dtype == torch.float32:
+            return dequant_int8_fp32(weight)
         return weight.qweight.to(dtype) * weight.scale.to(dtype)[:, None]
 
     def pack_mm(self, x: torch.Tensor, prepared: Prepared, dtype: torch.dtype) -> torch.Tensor:
@@ -440,6 +472,8 @@ class Int4Native(WeightOnlyNative):
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         """``(q - zero_point) * scale`` in ``dtype``, ``[N, K]``."""
+        if dtype == torch.float32 and (out := dequant_int4_fp32(weight)) is not None:
+            return out
         n, g = weight.out_features, weight.group_size
         q = P.unpack_int4(weight.qweight).to(dtype).view(n, -1, g)
         zero = weight.zero_point.to(dtype).unsqueeze(-1)
