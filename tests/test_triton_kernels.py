@@ -484,9 +484,18 @@ def _no_tuning(monkeypatch):
 
 
 @pytest.mark.parametrize("format_name", ["int8_dynamic", "int8_weight_only", "int4_g128"])
-def test_forward_does_no_tuning(monkeypatch, format_name):
+def test_forward_does_no_tuning(monkeypatch, tmp_path, format_name):
+    # Tuning on, an empty tuning cache: on CUDA, prepare() would tune (stubbed here to settle
+    # the defaults without timing); forward must then only look configurations up.
+    def settle_without_timing(self, prepared, dtype, m):
+        config = self.lookup_config(prepared, dtype, m, cuda=True)
+        prepared.configs[(dtype, tuning.m_bucket(m))] = config
+        return config
+
+    monkeypatch.setattr(tb.TritonKernel, "tune", settle_without_timing)
     _no_tuning(monkeypatch)
     monkeypatch.setenv("AUTOQ_AUTOTUNE", "1")
+    monkeypatch.setenv("AUTOQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("AUTOQ_BACKEND", "triton")
     g = torch.Generator().manual_seed(6)
     module = quantize_layer((torch.randn(64, 256, generator=g) * 0.05).to(DEVICE), None,
@@ -499,6 +508,7 @@ def test_forward_does_no_tuning(monkeypatch, format_name):
 def test_cuda_config_lookup_never_tunes(monkeypatch):
     # The CUDA branch of the lookup (no GPU needed): the tuning cache's entry, else the
     # default; the tuner's timing is never reached.
+    prepared = tb.INT4.prepare(int4_weight(64, 4096, 128))  # tuning off (fixture): no timing
     _no_tuning(monkeypatch)
     monkeypatch.setenv("AUTOQ_AUTOTUNE", "1")
     cached = KernelConfig("gemv", 1, 64, 512, 2, 1, 4, 2)
@@ -510,7 +520,6 @@ def test_cuda_config_lookup_never_tunes(monkeypatch):
         def get(self, key):
             return self.entries.get(key)
 
-    prepared = tb.INT4.prepare(int4_weight(64, 4096, 128))
     key = tuning.tuning_key(tb.INT4.traits, torch.bfloat16, 1, 64, 4096, 128)
     monkeypatch.setattr(tuning, "tuner_for", lambda device: FakeTuner({key: cached}))
     assert tb.INT4.lookup_config(prepared, torch.bfloat16, 1, cuda=True) == cached
