@@ -1,8 +1,9 @@
 """Writes the llm-compressor checkpoints under tests/data/llmcompressor/<scheme>/.
 
-Each is a tiny random-init Llama (hidden 128, 2 layers, vocab 256, fp32) quantized by
-llm-compressor's own ``oneshot`` with ``ignore=["lm_head"]``, saved compressed. The tests
-(tests/test_llmcompressor_checkpoints.py) only read these directories, so CI needs no
+Each is a tiny random-init Llama (hidden 128, 2 layers, vocab 256; fp32, and bf16 for the
+``*_BF16`` directories) quantized by llm-compressor's own ``oneshot`` with
+``ignore=["lm_head"]`` and saved compressed, with random token ids as calibration data. The
+tests (tests/test_llmcompressor_checkpoints.py) only read these directories, so CI needs no
 llm-compressor.
 
 Written with llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0,
@@ -14,11 +15,11 @@ transformers 5.24 and compressed-tensors 0.20:
     /tmp/llmc-venv/bin/pip install llmcompressor 'torch==2.13.0'
     /tmp/llmc-venv/bin/python tests/data/llmcompressor/make_checkpoints.py
 
-Schemes: the presets autoq reads (W8A8, W4A16, W4A16_ASYM, FP8_DYNAMIC), llm-compressor's
-W8A16 preset (int8 in groups of 128 since compressed-tensors 0.1x, which autoq has no format
-for), an explicit int8 per-channel weight-only scheme (``W8A16_CHANNEL``, what W8A16 was
-before and what autoq's int8_weight_only is), and presets autoq refuses (FP8 with a static
-activation scale, NVFP4, W4A8, and W8A8 with an FP8 KV cache).
+Schemes: the presets autoq reads (W8A8, W4A16, W4A16_ASYM, FP8_DYNAMIC); llm-compressor's
+W8A16 preset, which in compressed-tensors 0.19 and 0.20 is int8 in groups of 128 and has no
+autoq format; an explicit int8 per-channel weight-only scheme (``W8A16_CHANNEL``: autoq's
+int8_weight_only, which autoq exports as its W8A16); and presets autoq refuses (FP8 with a
+static activation scale, NVFP4, W4A8, and W8A8 with an FP8 KV cache).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ RECIPES = {
     "W8A16_CHANNEL": lambda: QuantizationModifier(config_groups=W8A16_CHANNEL, ignore=["lm_head"]),
     "W4A16": lambda: GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
     "W4A16_ASYM": lambda: GPTQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"]),
-    "FP8_DYNAMIC": lambda: QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]),
+    "FP8_DYNAMIC": lambda: QuantizationModifier(
+        targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]
+    ),
     "FP8": lambda: QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"]),
     "NVFP4": lambda: QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
     "W4A8": lambda: QuantizationModifier(targets="Linear", scheme="W4A8", ignore=["lm_head"]),
@@ -64,6 +67,10 @@ RECIPES = {
         targets="Linear", scheme="W8A8", ignore=["lm_head"], kv_cache_scheme=KV_CACHE_FP8
     ),
 }
+# The same recipes on the model in bf16, as most checkpoints are: scales are written in bf16.
+BF16 = "_BF16"
+RECIPES.update({f"{name}{BF16}": RECIPES[name]
+                for name in ("W8A8", "W8A16_CHANNEL", "W4A16", "W4A16_ASYM", "FP8_DYNAMIC")})
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
@@ -98,10 +105,11 @@ def calibration_set() -> Dataset:
 def write(name: str, base: Path) -> Path:
     out = HERE / name
     shutil.rmtree(out, ignore_errors=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    oneshot(model=model, tokenizer=tiny_tokenizer(), recipe=RECIPES[name](), dataset=calibration_set(),
-            num_calibration_samples=CALIBRATION_SAMPLES, max_seq_length=SEQUENCE_LENGTH,
-            output_dir=str(out))
+    dtype = torch.bfloat16 if name.endswith(BF16) else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    oneshot(model=model, tokenizer=tiny_tokenizer(), recipe=RECIPES[name](),
+            dataset=calibration_set(), num_calibration_samples=CALIBRATION_SAMPLES,
+            max_seq_length=SEQUENCE_LENGTH, output_dir=str(out))
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     print(name, json.dumps(qconfig["config_groups"]), qconfig.get("kv_cache_scheme"))
     return out
