@@ -45,10 +45,15 @@ LOADED = {
     "W4A16": "int4_sym_g128",
     "W4A16_ASYM": "int4_g128",
     "FP8_DYNAMIC": "fp8_e4m3_dynamic",
+    "W4A16_ACTORDER_WEIGHT": "int4_sym_g128",  # GPTQ with actorder="weight"
 }
 
 BF16 = "_BF16"
-LOADED_BF16 = {f"{scheme}{BF16}": fmt for scheme, fmt in LOADED.items()}
+# The same recipes on the model in bf16.
+LOADED_BF16 = {
+    f"{scheme}{BF16}": LOADED[scheme]
+    for scheme in ("W8A8", "W8A16_CHANNEL", "W4A16", "W4A16_ASYM", "FP8_DYNAMIC")
+}
 
 # Relative error of autoq's reference arithmetic against transformers' logits.
 REFERENCE_TOLERANCE = {
@@ -56,6 +61,7 @@ REFERENCE_TOLERANCE = {
     "W8A16_CHANNEL": 1e-5,  # identical weights
     "W4A16": 1e-3,  # int4 scales are fp16 in autoq's layout
     "W4A16_ASYM": 1e-3,
+    "W4A16_ACTORDER_WEIGHT": 1e-3,
     "FP8_DYNAMIC": 1e-4,
 }
 
@@ -65,6 +71,7 @@ DEFAULT_TOLERANCE = {
     "W8A16_CHANNEL": 1e-2,
     "W4A16": 1e-2,
     "W4A16_ASYM": 1e-2,
+    "W4A16_ACTORDER_WEIGHT": 1e-2,
     "FP8_DYNAMIC": 5e-2,
 }
 

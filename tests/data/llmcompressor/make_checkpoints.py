@@ -15,7 +15,8 @@ transformers 5.24 and compressed-tensors 0.20:
     /tmp/llmc-venv/bin/pip install llmcompressor 'torch==2.13.0'
     /tmp/llmc-venv/bin/python tests/data/llmcompressor/make_checkpoints.py
 
-Schemes: the presets autoq reads (W8A8, W4A16, W4A16_ASYM, FP8_DYNAMIC); llm-compressor's
+Schemes: the presets autoq reads (W8A8, W4A16, W4A16_ASYM, FP8_DYNAMIC; W4A16 also by GPTQ
+with ``actorder="weight"``, the other ordering llm-compressor 0.14 offers); llm-compressor's
 W8A16 preset, which in compressed-tensors 0.19 and 0.20 is int8 in groups of 128 and has no
 autoq format; an explicit int8 per-channel weight-only scheme (``W8A16_CHANNEL``: autoq's
 int8_weight_only, which autoq exports as its W8A16); and presets autoq refuses (FP8 with a
@@ -57,6 +58,9 @@ RECIPES = {
     "W8A16_CHANNEL": lambda: QuantizationModifier(config_groups=W8A16_CHANNEL, ignore=["lm_head"]),
     "W4A16": lambda: GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
     "W4A16_ASYM": lambda: GPTQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"]),
+    "W4A16_ACTORDER_WEIGHT": lambda: GPTQModifier(
+        targets="Linear", scheme="W4A16", ignore=["lm_head"], actorder="weight"
+    ),
     "FP8_DYNAMIC": lambda: QuantizationModifier(
         targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]
     ),
