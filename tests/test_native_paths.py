@@ -176,3 +176,17 @@ def test_unknown_format_paths_are_covered():
         kernel = type(fmt).kernels.get("native")
         if isinstance(kernel, native.PathKernel):
             assert kernel.PATHS
+
+
+@pytest.mark.parametrize("fmt", ["int8_dynamic", "int8_weight_only", "int4_g64"])
+@pytest.mark.parametrize("whole", [0, 1 << 30])
+def test_fp32_dequant_chunked_and_whole_agree_with_reference(fmt, whole, monkeypatch):
+    """More rows than one chunk: the chunked loop (``whole=0``) and the whole-weight GEMM."""
+    monkeypatch.setattr(native, "DEQUANT_WHOLE_FP32_BYTES", whole)
+    _, format_, weight = layer(fmt, n=320, k=128)
+    kernel = type(format_).kernels["native"]
+    x = torch.randn(24, 128)
+    path = "fp32" if fmt == "int8_dynamic" else "dequant_fp32"
+    y = kernel.run(path, x, kernel.prepare(weight))
+    expected = format_.reference_linear(x, weight, None)
+    assert (y - expected).abs().max() / expected.abs().max() < 1e-4
