@@ -190,3 +190,17 @@ def test_fp32_dequant_chunked_and_whole_agree_with_reference(fmt, whole, monkeyp
     y = kernel.run(path, x, kernel.prepare(weight))
     expected = format_.reference_linear(x, weight, None)
     assert (y - expected).abs().max() / expected.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_the_compiled_library_every_format_runs(fmt, monkeypatch):
+    """No C compiler at install time: no ``gemv`` path, torch's ops (and torch dequantization) only."""
+    monkeypatch.setattr(native, "_GEMV", None)
+    monkeypatch.setenv(cpu.ISA_ENV, "avx2")
+    module, format_, weight = layer(fmt)
+    kernel = type(format_).kernels["native"]
+    for m in (1, 3, 40):
+        assert "gemv" not in kernel.candidates(kernel.prepare(weight), m, cpu.cpu_isa())
+        x = torch.randn(m, weight.in_features)
+        expected = format_.reference_linear(x, weight, module.bias)
+        assert (module(x) - expected).abs().max() / expected.abs().max() < 1e-4
