@@ -8,6 +8,8 @@ built on first use per (backend, device) and cached on the module (not in the ``
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -34,7 +36,8 @@ class QuantizedLinear(nn.Module):
         for name, (shape, dtype) in self.format.tensor_specs(out_features, in_features).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
-        self._prepared: dict[tuple, object] = {}
+        self._prepared: dict[tuple, object] = {}  # (backend, device) -> the kernel's weight layout
+        self._chosen: dict[tuple, tuple] = {}  # (device, dtype, M size class, AUTOQ_BACKEND) -> kernel
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, format_name: str,
@@ -67,21 +70,27 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expects last dim {self.in_features}, got input of shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        weight = self.quantized_weight()
-        selection = select_kernel(self.format, weight, x2d)
-        key = (selection.backend, x2d.device)
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            prepared = self._prepared[key] = selection.kernel.prepare(weight)
-        y = selection.kernel.linear(x2d, prepared, self.bias)
+        # The kernel choice depends on device, dtype, the size of M and AUTOQ_BACKEND only, so it
+        # is made once per such key: a forward costs a dict lookup, not a dispatch.
+        key = (x2d.device, x2d.dtype, max(x2d.shape[0], 1).bit_length(), os.environ.get("AUTOQ_BACKEND"))
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            weight = self.quantized_weight()
+            selection = select_kernel(self.format, weight, x2d)
+            prepared_key = (selection.backend, x2d.device)
+            if prepared_key not in self._prepared:
+                self._prepared[prepared_key] = selection.kernel.prepare(weight)
+            chosen = self._chosen[key] = (selection.kernel, self._prepared[prepared_key])
+        kernel, prepared = chosen
+        y = kernel.linear(x2d, prepared, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._prepared = {}
+        self._prepared, self._chosen = {}, {}
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._prepared = {}
+        self._prepared, self._chosen = {}, {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
