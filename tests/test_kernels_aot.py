@@ -62,7 +62,9 @@ def test_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
         def source(job):
             return aot.KernelSource(broken, {"x_ptr": "fp32"}, {"BLOCK": 16}, 4, 1)
 
-        job = aot.Job("int4", KernelConfig("gemv"), "bf16", 90, 32, default=True)
+        from autoq.kernels import triton_backend as tb
+
+        job = aot.Job(tb.INT4.traits, KernelConfig("gemv"), "bf16", 90, 32, default=True)
         [result] = aot.run_jobs([job], workers=1, source_for=source)
         print("\\n".join(aot.problems(result)))
     """)

@@ -53,7 +53,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K) of Llama-style l
 GROUP_SIZES = (32, 64, 128)
 # SASS instructions per weight allowed in a default GEMV main loop with 16-bit activations (fp32
 # activations take the plain fp32 path: reported, not held to it). See the module docstring.
-GEMV_BUDGET = {"int4": 2.5, "int8_weight_only": 2.5}
+GEMV_BUDGET = 2.5  # SASS instructions per weight, for the weight-only kernels' GEMV
 SAMPLE_SIZE = 8  # non-default candidates compiled by the default (CI) run
 TENSOR_CORE_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -61,9 +61,10 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class Job:
-    """One compile: a kernel of a family in one configuration, activation dtype and target."""
+    """One compile: one Triton kernel (by its traits) in one configuration, activation dtype and
+    target."""
 
-    family: str  # "int4", "int8_weight_only" or "int8_dynamic"
+    kind: Traits  # the traits of INT4, INT8_WEIGHT_ONLY or INT8_DYNAMIC (triton_backend)
     config: KernelConfig
     dtype: str  # "bf16", "fp16" or "fp32"
     arch: int
@@ -85,7 +86,7 @@ class Job:
         return text + (f" g{self.group_size}" if self.group_size else "")
 
     def sort_key(self) -> tuple:
-        return (self.family, self.config.kernel, self.label, self.dtype, self.arch)
+        return (self.kind.name, self.config.kernel, self.label, self.dtype, self.arch)
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,10 @@ class Result:
 # --------------------------------------------------------------------------------------------
 
 
-def family_traits() -> dict[str, Traits]:
+def kinds() -> list[Traits]:
     from autoq.kernels import triton_backend as tb
 
-    return {kernel.traits.name: kernel.traits
-            for kernel in (tb.INT8_DYNAMIC, tb.INT8_WEIGHT_ONLY, tb.INT4)}
+    return [kernel.traits for kernel in (tb.INT8_DYNAMIC, tb.INT8_WEIGHT_ONLY, tb.INT4)]
 
 
 def _compile_identity(job: Job) -> tuple:
@@ -134,7 +134,7 @@ def _compile_identity(job: Job) -> tuple:
     c = job.config
     if c.kernel == "gemv":
         c = replace(c, block_m=1, group_m=1)
-    return (job.family, c, job.dtype, job.arch, job.group_size)
+    return (job.kind, c, job.dtype, job.arch, job.group_size)
 
 
 def all_jobs(archs: Iterable[int] = ARCHS) -> list[Job]:
@@ -146,22 +146,22 @@ def all_jobs(archs: Iterable[int] = ARCHS) -> list[Job]:
         if key not in jobs or (job.default and not jobs[key].default):
             jobs[key] = job
 
-    for family, traits in family_traits().items():
-        groups = GROUP_SIZES if family == "int4" else (None,)
+    for traits in kinds():
+        groups = GROUP_SIZES if traits.grouped else (None,)
         for arch in archs:
             for group in groups:
-                if family == "int8_dynamic":  # per-token quantization runs before every GEMM
+                if not traits.weight_only:  # per-token quantization runs before every int8 GEMM
                     quantize = KernelConfig("quantize", 1, 0, 0, 1, 1, 8, 1)
                     for dtype in _DTYPES:
-                        add(Job(family, quantize, dtype, arch, None, True))
+                        add(Job(traits, quantize, dtype, arch, None, True))
                 for n, k in SHAPES:
                     for m in tuning.M_BUCKETS:
                         for dtype, torch_dtype in _DTYPES.items():
                             default = tuning.default_config(traits, m, n, k, group, torch_dtype)
-                            add(Job(family, default, dtype, arch, group, True))
+                            add(Job(traits, default, dtype, arch, group, True))
                         for config in tuning.candidates(traits, m, k, group):
                             for dtype in ("bf16", "fp16"):
-                                add(Job(family, config, dtype, arch, group, False))
+                                add(Job(traits, config, dtype, arch, group, False))
     return sorted(jobs.values(), key=Job.sort_key)
 
 
@@ -179,7 +179,7 @@ def kernel_source(job: Job) -> KernelSource:
 
     c, act = job.config, job.dtype
     dtype = _DTYPES[act]
-    if job.family == "int4":
+    if job.kind.grouped:
         ptrs = {"x_ptr": act, "qw_ptr": "i32", "s_ptr": "fp16", "z_ptr": "u8", "bias_ptr": act,
                 "y_ptr": act, "sum_ptr": "fp32", "count_ptr": "i32"}
         if c.kernel == "gemv":
@@ -208,7 +208,7 @@ def kernel_source(job: Job) -> KernelSource:
         return KernelSource(triton_int8._quantize_rows_kernel,
                             {"x_ptr": act, "q_ptr": "i8", "s_ptr": "fp32"},
                             {"BLOCK_K": triton_int8.QUANTIZE_BLOCK_K}, c.num_warps, 3)
-    if job.family == "int8_dynamic":
+    if not job.kind.weight_only:
         return KernelSource(triton_int8._int8_dynamic_mm_kernel,
                             {"xq_ptr": "i8", "xs_ptr": "fp32", "w_ptr": "i8", "ws_ptr": "fp32",
                              "bias_ptr": act, "y_ptr": act, "sum_ptr": "fp32",
@@ -362,10 +362,10 @@ def compile_job(job: Job, source_for: Callable[[Job], KernelSource] = kernel_sou
     return result
 
 
-def problems(result: Result, budget: dict[str, float] = GEMV_BUDGET) -> list[str]:
+def problems(result: Result, budget: float = GEMV_BUDGET) -> list[str]:
     """What is wrong with one compile (empty when nothing is)."""
     job = result.job
-    where = f"{job.family} {job.label} {job.dtype} sm_{job.arch}"
+    where = f"{job.kind.name} {job.label} {job.dtype} sm_{job.arch}"
     if result.error:
         return [f"{where}: does not compile: {result.error}"]
     out = []
@@ -376,7 +376,7 @@ def problems(result: Result, budget: dict[str, float] = GEMV_BUDGET) -> list[str
         if result.spills:
             out.append(f"{where}: default config spills registers ({result.spills} local-memory "
                        f"accesses, {result.stack}-byte stack)")
-        limit = budget.get(job.family)
+        limit = budget if job.kind.weight_only else None
         if job.config.kernel == "gemv" and limit is not None and job.dtype != "fp32":
             if result.per_weight is None:
                 out.append(f"{where}: no GEMV main loop found in the SASS")
@@ -424,12 +424,12 @@ def markdown(results: list[Result], title: str, seconds: float) -> str:
     for r in results:
         job = r.job
         if r.error:
-            lines.append(f"| {job.family} | {job.label} | {'yes' if job.default else ''} | "
+            lines.append(f"| {job.kind.name} | {job.label} | {'yes' if job.default else ''} | "
                          f"{job.dtype} | sm_{job.arch} | FAILED: {r.error} | | | | | |")
             continue
         per_weight = f"{r.per_weight:.2f}" if r.per_weight is not None else ""
         lines.append(
-            f"| {job.family} | {job.label} | {'yes' if job.default else ''} | {job.dtype} | "
+            f"| {job.kind.name} | {job.label} | {'yes' if job.default else ''} | {job.dtype} | "
             f"sm_{job.arch} | {r.registers} | {_kib(r.shared)} | {_kib(r.shared_per_stage)} | "
             f"{r.spills} | {r.tensor_core or '-'} | {per_weight} |")
     found = [p for r in results for p in r.problems]
@@ -444,16 +444,16 @@ def summary(results: list[Result]) -> list[str]:
     out = ["## Summary (default configs)", "",
            "| GEMV main loop, SASS instructions per weight (worst default) | sm_80 | sm_90 |",
            "|---|---:|---:|"]
-    for family in ("int4", "int8_weight_only"):
+    for kind in (k for k in kinds() if k.weight_only):
         for dtype in ("bf16", "fp16", "fp32"):
             cells = []
             for arch in ARCHS:
-                values = [r.per_weight for r in ok if r.job.family == family and r.job.arch == arch
+                values = [r.per_weight for r in ok if r.job.kind == kind and r.job.arch == arch
                           and r.job.dtype == dtype and r.per_weight is not None]
                 cells.append(f"{max(values):.2f}" if values else "")
             if any(cells):
-                note = f" (budget {GEMV_BUDGET[family]})" if dtype != "fp32" else " (plain path)"
-                out.append(f"| {family} {dtype}{note} | " + " | ".join(cells) + " |")
+                note = f" (budget {GEMV_BUDGET})" if dtype != "fp32" else " (plain path)"
+                out.append(f"| {kind.name} {dtype}{note} | " + " | ".join(cells) + " |")
     out += ["", "| GEMM tile (bf16) | arch | int4 smem/stage KiB (worst group) | "
             "int8_weight_only smem/stage KiB | int4 smem KiB | int8_weight_only smem KiB |",
             "|---|---|---:|---:|---:|---:|"]
@@ -462,16 +462,16 @@ def summary(results: list[Result]) -> list[str]:
         c = job.config
         return (c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)
 
-    int8 = {(tile(r.job), r.job.arch): r for r in ok if r.job.family == "int8_weight_only"
+    int8 = {(tile(r.job), r.job.arch): r for r in ok if r.job.kind.weight_only and not r.job.kind.grouped
             and r.job.config.kernel == "mm" and r.job.dtype == "bf16"}
     seen = set()
     for r in ok:
         key = (tile(r.job), r.job.arch)
-        if (r.job.family != "int4" or r.job.config.kernel != "mm" or r.job.dtype != "bf16"
+        if (not r.job.kind.grouped or r.job.config.kernel != "mm" or r.job.dtype != "bf16"
                 or key not in int8 or key in seen):
             continue
         seen.add(key)
-        same = [o for o in ok if o.job.family == "int4" and o.job.dtype == "bf16"
+        same = [o for o in ok if o.job.kind.grouped and o.job.dtype == "bf16"
                 and (tile(o.job), o.job.arch) == key]
         worst = max(same, key=lambda o: o.shared_per_stage)
         m, n, k, split, warps, stages = key[0]
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--only", default=None,
-                        help="regular expression on 'family label dtype': compile those only")
+                        help="regular expression on 'kernel label dtype': compile those only")
     parser.add_argument("--sample", type=int, default=SAMPLE_SIZE,
                         help="non-default candidates in the default run")
     parser.add_argument("--budget", type=float, default=None,
@@ -503,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = all_jobs(args.arch) if args.all else default_jobs(args.arch, args.sample)
     if args.only:
-        jobs = [j for j in jobs if re.search(args.only, f"{j.family} {j.label} {j.dtype}")]
-    budget = GEMV_BUDGET if args.budget is None else dict.fromkeys(GEMV_BUDGET, args.budget)
+        jobs = [j for j in jobs if re.search(args.only, f"{j.kind.name} {j.label} {j.dtype}")]
+    budget = GEMV_BUDGET if args.budget is None else args.budget
     start = time.perf_counter()
     results = run_jobs(jobs, args.workers)
     seconds = time.perf_counter() - start

@@ -181,7 +181,7 @@ class Int8WeightOnlyTriton(TritonKernel):
 
 @register_kernel("triton", Int4Groups)
 class Int4Triton(TritonKernel):
-    traits = Traits("int4", weight_only=True, default_gemv_block_n=128,
+    traits = Traits("int4", weight_only=True, grouped=True, default_gemv_block_n=128,
                     gemv_tiles=((64, 256), (128, 128), (128, 256), (256, 128), (64, 512)))
 
     def supports(self, weight: QuantizedWeight, x: torch.Tensor) -> str | None:

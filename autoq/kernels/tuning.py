@@ -43,6 +43,7 @@ class Traits:
 
     name: str  # the tuning-cache namespace, e.g. "int4"
     weight_only: bool  # float activations: the GEMV and dequantize + cuBLAS paths exist
+    grouped: bool = False  # scales per group of the input dimension (a GROUP_SIZE constexpr)
     gemv_tiles: tuple[tuple[int, int], ...] = ()  # (block_n, block_k) candidates for M = 1
     default_gemv_block_n: int = 32
     default_gemv_block_k: int = 256
