@@ -70,8 +70,21 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expects last dim {self.in_features}, got input of shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        # The kernel choice depends on device, dtype, the size of M and AUTOQ_BACKEND only, so it
-        # is made once per such key: a forward costs a dict lookup, not a dispatch.
+        kernel, prepared = self._kernel_for(x2d)
+        y = kernel.linear(x2d, prepared, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def prepare(self, dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> None:
+        """Build (and on CUDA tune) the kernel's weight layout for ``dtype`` inputs now, so that
+        ``forward`` only looks it up: nothing synchronises, and it can be captured in a CUDA
+        graph. Called on ``.to()`` onto a CUDA device."""
+        device = self.qweight.device
+        if device.type != "meta":
+            self._kernel_for(torch.empty(rows, self.in_features, dtype=dtype, device=device))
+
+    def _kernel_for(self, x2d: torch.Tensor) -> tuple:
+        # The choice depends on device, dtype, the size of M and AUTOQ_BACKEND only, so it is
+        # made once per such key: a forward costs a dict lookup, not a dispatch.
         key = (x2d.device, x2d.dtype, max(x2d.shape[0], 1).bit_length(), os.environ.get("AUTOQ_BACKEND"))
         chosen = self._chosen.get(key)
         if chosen is None:
@@ -81,13 +94,14 @@ class QuantizedLinear(nn.Module):
             if prepared_key not in self._prepared:
                 self._prepared[prepared_key] = selection.kernel.prepare(weight)
             chosen = self._chosen[key] = (selection.kernel, self._prepared[prepared_key])
-        kernel, prepared = chosen
-        y = kernel.linear(x2d, prepared, self.bias)
-        return y.reshape(*lead, self.out_features)
+        return chosen
 
     def _apply(self, fn, recurse=True):
         self._prepared, self._chosen = {}, {}
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        if self.qweight.device.type == "cuda":
+            self.prepare()
+        return module
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepared, self._chosen = {}, {}

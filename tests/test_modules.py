@@ -162,3 +162,14 @@ def test_large_m_dequantize_gemm_path_agrees_with_small_m_kernel(fmt):
     large = q(x)
     small = torch.cat([q(chunk) for chunk in x.split(DEQUANT_GEMM_MIN_M // 4)])
     assert rel_err(large, small) < 1e-2
+
+
+def test_prepare_builds_the_kernel_layout_before_the_first_forward(monkeypatch):
+    q = quantize_layer(torch.randn(64, 128), None, "int8_weight_only")
+    q.prepare(torch.float32, rows=3)
+    assert len(q._prepared) == 1
+    calls = []
+    kernel, _ = q._kernel_for(torch.empty(3, 128))
+    monkeypatch.setattr(type(kernel), "prepare", lambda self, w: calls.append(1))
+    assert q(torch.randn(3, 128)).shape == (3, 64)
+    assert calls == []  # forward only looked the layout up
