@@ -51,21 +51,21 @@ def cancel_in(client, stage: str, n: int) -> tuple[str, float | None, str]:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as data:
-        server = Server(Path(data), lease_seconds=3).start()
-        try:
-            with server.client() as client:
-                rows = [cancel_in(client, stage, i) for i, stage in enumerate(STAGES)]
-        finally:
-            server.stop()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"# Cancel latency per stage ({cpu}, {platform.machine()}, shared 2-core VM)\n")
     print("MiniLM GPTQ job, one worker; time from POST /cancel to the job's final status.\n")
     print("| stage | seconds | final status |")
-    print("|---|---:|---|")
-    for stage, seconds, status in rows:
-        print(f"| {stage} | {'' if seconds is None else f'{seconds:.2f}'} | {status} |")
+    print("|---|---:|---|", flush=True)
+    with tempfile.TemporaryDirectory() as data:
+        server = Server(Path(data), lease_seconds=3).start()
+        try:
+            with server.client() as client:
+                for i, stage in enumerate(STAGES):
+                    stage, seconds, status = cancel_in(client, stage, i)
+                    print(f"| {stage} | {'' if seconds is None else f'{seconds:.2f}'} | {status} |", flush=True)
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":
