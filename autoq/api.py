@@ -99,7 +99,7 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
     gptq = None
     if config.method != "rtn":
         gptq = LayerQuantizer("gptq", profile.collect_hessians(model, batches, layers))
-        gptq.precompute(layers, fmts)
+        gptq.precompute(layers, fmts, report=_stage(report, Stage.PROFILE))
     seconds[Stage.PROFILE] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -15,7 +15,7 @@ Rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -88,7 +88,8 @@ class LayerQuantizer:
         self.notes: dict[str, str] = {}  # layer -> why GPTQ fell back to round-to-nearest
         self._prepared: dict[int, object] = {}  # by Hessian: layers sharing an input share it
 
-    def precompute(self, layers: Mapping[str, nn.Module], fmts: Iterable[str]) -> None:
+    def precompute(self, layers: Mapping[str, nn.Module], fmts: Iterable[str],
+                   report: Callable[[float, str], None] | None = None) -> None:
         """GPTQ every (layer, format) up front, layers of one shape and format in one batched
         column loop (``gptq.gptq_quantize_many``): the same weights ``get`` would compute, several
         times faster on small layers, whose loop is mostly per-column overhead."""
@@ -115,7 +116,9 @@ class LayerQuantizer:
                     fmt_names.append(fmt_name)
                 if name not in names:
                     names.append(name)
-        for (_, (n, k)), (fmt_names, names) in work.items():
+        for done, ((identity, (n, k)), (fmt_names, names)) in enumerate(work.items()):
+            if report is not None:
+                report(done / len(work), f"GPTQ {identity}: {len(names)} layers of {n}x{k}")
             grid = formats.get(fmt_names[0]).gptq_grid(n, k)
             weights = [float_weight(layers[name]).detach().float() for name in names]
             hessians = [self._prepared_hessian(name, weights[0].device) for name in names]
@@ -127,6 +130,8 @@ class LayerQuantizer:
                     encoded = formats.get(fmt_name).gptq_grid(n, k).encode(result.weight, result.params)
                     self.modules[(name, fmt_name)] = quantize_layer(weight, layers[name].bias, fmt_name, encoded)
                     self.methods[(name, fmt_name)] = "gptq"
+        if report is not None:
+            report(1.0, f"GPTQ: {len(wanted)} (layer, format) pairs quantized")
 
     def _prepared_hessian(self, name: str, device: torch.device):
         """The factored Hessian of a layer (shared by layers with one input), or ``None`` with a
