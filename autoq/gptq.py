@@ -460,12 +460,13 @@ def encode_int4(
 
 
 def encode_int8(w_hat: torch.Tensor, params: list[Int8ChannelParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes of a GPTQ int8 per-channel result: ``(q int8 [N, K], scale fp32 [N, 1])``,
-    the tensors ``quantize_int8_symmetric(w, (1, K))`` returns."""
-    if len(params) != 1:
-        raise ValueError(f"int8 per channel has one group per row, got {len(params)} groups")
-    scale = params[0].scale
-    q = P.quantize_affine(w_hat, (1, w_hat.shape[1]), scale, None, -127, 127, torch.int8)
+    """Integer codes of a GPTQ int8 result, one ``Int8ChannelParams`` per group of columns (one
+    for per channel): ``(q int8 [N, K], scale fp32 [N, groups])``, the tensors
+    ``quantize_int8_symmetric(w, (1, K // groups))`` returns."""
+    if not params or w_hat.shape[1] % len(params):
+        raise ValueError(f"{len(params)} int8 groups do not split {w_hat.shape[1]} columns evenly")
+    scale = torch.cat([p.scale for p in params], dim=1)
+    q = P.quantize_affine(w_hat, (1, w_hat.shape[1] // len(params)), scale, None, -127, 127, torch.int8)
     return q, scale
 
 

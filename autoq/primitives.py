@@ -218,11 +218,26 @@ def quantize_int4_asymmetric(
     return q, scale, zero_point.to(torch.uint8)
 
 
+# Per-token int8 activations (int8_dynamic, compressed-tensors' W8A8): compressed-tensors' own
+# convention, the spec of the scheme and what transformers runs (``calculate_qparams`` and
+# ``forward_quantize``): ``scale = absmax / ((qmax - qmin) / 2) = absmax / 127.5``, a zero scale
+# (an all-zero row) replaced by fp32's eps, ``q = round(clamp(x / scale, -128, 127))`` with
+# torch.round (half to even). vLLM's int8 kernel uses ``absmax / 127`` and [-127, 127]; both put
+# every value within half a step of x, so the two differ by at most one rounding step. The Triton
+# kernel (autoq.kernels.triton_int8) uses these constants too.
+INT8_ACT_QMIN, INT8_ACT_QMAX = -128, 127
+INT8_ACT_SCALE_DIVISOR = (INT8_ACT_QMAX - INT8_ACT_QMIN) / 2  # 127.5
+INT8_ACT_ZERO_SCALE = torch.finfo(torch.float32).eps  # replaces a zero scale
+
+
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per row of a 2-D activation ``[M, K]`` → (int8, fp32 scale [M, 1])."""
+    """Dynamic symmetric int8 per row of a 2-D activation ``[M, K]`` → (int8, fp32 scale [M, 1]),
+    computed in fp32 with compressed-tensors' convention (see ``INT8_ACT_SCALE_DIVISOR``)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=SCALE_EPS)
-    q = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
+    scale = xf.abs().amax(dim=-1, keepdim=True) / INT8_ACT_SCALE_DIVISOR
+    scale = torch.where(scale == 0, torch.full_like(scale, INT8_ACT_ZERO_SCALE), scale)
+    # Clamping first (as compressed-tensors does) or rounding first gives the same integers.
+    q = torch.round((xf / scale).clamp(INT8_ACT_QMIN, INT8_ACT_QMAX)).to(torch.int8)
     return q, scale
 
 

@@ -255,6 +255,24 @@ def test_int8_codes_are_valid_and_decode_to_w_hat(hessian):
     torch.testing.assert_close(gptq.gptq_int8(w, hessian)[0], q, rtol=0, atol=0)
 
 
+def test_int8_groups_grid_codes_decode_to_w_hat_and_beat_rtn(hessian):
+    """int8_g128's GPTQ grid (int8 per channel's fit, one group per 128 columns): codes in
+    [-127, 127], one fp32 scale per group, decoding to GPTQ's weight, and less output error than
+    round-to-nearest in the same layout."""
+    from autoq import formats
+
+    fmt = formats.get("int8_g128")
+    grid = fmt.gptq_grid(N, K)
+    w = random_weight()
+    result = gptq.gptq_quantize(w, hessian, grid.group_size, grid.fit, grid.fake_quant)
+    weight = grid.encode(result.weight, result.params)
+    assert weight.qweight.dtype == torch.int8 and int(weight.qweight.abs().max()) <= 127
+    assert weight.scale.shape == (N, K // 128) and weight.scale.dtype == torch.float32
+    torch.testing.assert_close(fmt.dequantize(weight), result.weight, rtol=0, atol=0)
+    rtn = fmt.dequantize(fmt.quantize(w))
+    assert output_error(w, result.weight, hessian) < 0.8 * output_error(w, rtn, hessian)
+
+
 # ---- degenerate input -------------------------------------------------------------------------
 
 

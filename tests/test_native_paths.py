@@ -13,7 +13,7 @@ from autoq.kernels import cpu, native
 from autoq.kernels.cpu import CpuIsa
 from autoq.modules import quantize_layer
 
-FORMATS = ["int8_dynamic", "int8_weight_only", "int4_g32", "int4_g128", "int4_sym_g64"]
+FORMATS = ["int8_dynamic", "int8_weight_only", "int8_g128", "int4_g32", "int4_g128", "int4_sym_g64"]
 FULL_ISA = CpuIsa(avx2=True, avx512=True, avx512_bf16=True, vnni=True, amx_bf16=True, amx_int8=True)
 
 
@@ -61,7 +61,7 @@ def test_every_path_matches_reference(fmt, m):
 
 
 @pytest.mark.skipif(native.gemv_library() is None, reason="autoq.kernels._gemv not built")
-@pytest.mark.parametrize("fmt", ["int8_weight_only", "int4_g128", "int8_dynamic"])
+@pytest.mark.parametrize("fmt", ["int8_weight_only", "int8_g128", "int4_g128", "int8_dynamic"])
 @pytest.mark.parametrize("code", [0, 2, 3])
 def test_gemv_code_versions_agree(fmt, code, monkeypatch):
     """The portable, AVX2 and AVX-512 versions of gemv.c give the reference's numbers (the
@@ -106,6 +106,19 @@ def test_no_bf16_path_under_avx2(fmt, m, monkeypatch):
     assert kernel.rule_of_thumb(candidates, m, cpu.cpu_isa()) in candidates
 
 
+def test_int8_groups_have_no_pack_paths(monkeypatch):
+    """torch has no packed matmul for grouped int8 scales: the GEMV and the dequant paths only,
+    and M=1 still has a path without the compiled library."""
+    monkeypatch.setattr(native, "has_native_bf16", lambda: True)
+    _, format_, weight = layer("int8_g128")
+    kernel = type(format_).kernels["native"]
+    prepared = kernel.prepare(weight)
+    for m in (1, 3, 40, 512):
+        assert not any(path.startswith("pack") for path in kernel.candidates(prepared, m, FULL_ISA))
+    monkeypatch.setattr(native, "_GEMV", None)
+    assert kernel.candidates(prepared, 1, FULL_ISA) == ["dequant_fp32"]
+
+
 def test_bf16_paths_offered_with_native_bf16(monkeypatch):
     monkeypatch.setattr(native, "has_native_bf16", lambda: True)
     _, format_, weight = layer("int4_g128")
@@ -124,7 +137,7 @@ class CountingTimer:
         return {name: float(i) for i, name in enumerate(calls)}  # the first candidate "wins"
 
 
-@pytest.mark.parametrize("fmt", ["int8_dynamic", "int8_weight_only", "int4_g128"])
+@pytest.mark.parametrize("fmt", ["int8_dynamic", "int8_weight_only", "int8_g128", "int4_g128"])
 def test_choice_is_timed_once_and_cached_on_disk(fmt, monkeypatch, tmp_path):
     timer = CountingTimer()
     monkeypatch.setattr(native, "time_paths", timer)
@@ -178,7 +191,7 @@ def test_unknown_format_paths_are_covered():
             assert kernel.PATHS
 
 
-@pytest.mark.parametrize("fmt", ["int8_dynamic", "int8_weight_only", "int4_g64"])
+@pytest.mark.parametrize("fmt", ["int8_dynamic", "int8_weight_only", "int8_g128", "int4_g64"])
 @pytest.mark.parametrize("whole", [0, 1 << 30])
 def test_fp32_dequant_chunked_and_whole_agree_with_reference(fmt, whole, monkeypatch):
     """More rows than one chunk: the chunked loop (``whole=0``) and the whole-weight GEMM."""

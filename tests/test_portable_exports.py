@@ -82,6 +82,23 @@ def test_llama_export_with_every_default_weight_only_format_loads_without_autoq(
     assert rel_err(logits, expected) <= 1e-3
 
 
+def test_int8_groups_export_is_llmcompressors_w8a16_and_loads_without_autoq(tmp_path, monkeypatch):
+    """int8_g128 exports compressed-tensors' W8A16 preset (int8 symmetric, groups of 128), which
+    plain transformers loads to the weights autoq computes with."""
+    from autoq.checkpoint.compressed_tensors import preset_names
+
+    model = tiny_llama()
+    autoq.apply(model, {name: "int8_g128" for name in autoq.quantizable_layers(model)})
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = reference(model, monkeypatch, input_ids=ids).logits
+    autoq.save_quantized(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    [group] = config["config_groups"].values()
+    assert group["format"] == "pack-quantized" and "W8A16" in preset_names(group)
+    logits = load_without_autoq(tmp_path, tmp_path / "ckpt", "causal", {"input_ids": ids})
+    assert rel_err(logits, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("choices, bound", [(WEIGHT_ONLY_DEFAULTS, 1e-3), (DEFAULT_QUANTIZED, 3e-2)],
                          ids=["weight-only", "all-defaults"])
 def test_minilm_export_with_default_formats_loads_without_autoq(choices, bound, minilm, minilm_tokenizer,

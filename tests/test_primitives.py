@@ -97,12 +97,32 @@ def test_pack_rejects_odd_width_and_out_of_range():
         P.pack_int4(torch.full((1, 2), 16, dtype=torch.uint8))
 
 
-def test_per_token_int8_matches_absmax_convention():
-    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+def test_per_token_int8_matches_compressed_tensors_convention():
+    """absmax / 127.5, [-128, 127], half to even; a zero row gets fp32's eps as its scale."""
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [127.5, -127.5, 2.5]])
     q, s = P.quantize_per_token_int8(x)
-    assert q[0].tolist() == [64, -127, 32]
-    assert torch.allclose(s[0], torch.tensor([2.0 / 127]))
-    assert q[1].tolist() == [0, 0, 0] and torch.isfinite(s).all()
+    assert q[0].tolist() == [64, -127, 32]  # 63.75, -127.49999 (2 / (2 / 127.5) in fp32), 31.875
+    assert torch.equal(s[0], torch.tensor([2.0]) / 127.5)
+    assert q[1].tolist() == [0, 0, 0] and s[1].item() == torch.finfo(torch.float32).eps
+    assert q[2].tolist() == [127, -128, 2] and s[2].item() == 1.0  # 127.5 clamps to 127
+
+
+def test_per_token_int8_is_compressed_tensors_own_quantization():
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    x = torch.randn(1, 6, 200, generator=torch.Generator().manual_seed(0)) * 3  # [batch, tokens, K]
+    x[0, 2] = 0.0
+    x[0, 3, :5] = torch.tensor([127.5, 2.5, -3.5, -0.5, -127.5])  # scale 1: ties
+    x[0, 3, 5:] = 0.0
+    scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None)
+    theirs = fake_quantize(x, scale, zero_point, args)
+    q, s = P.quantize_per_token_int8(x[0])
+    assert torch.equal(s, scale[0].float())
+    assert torch.equal(q.float() * s, theirs[0])
 
 
 def test_sqnr():

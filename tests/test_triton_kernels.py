@@ -220,14 +220,15 @@ def test_int8_dynamic_split_k(split_k):
 def test_quantize_per_token_is_exact(dtype):
     x = torch.randn(6, 150, generator=torch.Generator().manual_seed(3)) * 4
     x[2] = 0.0
-    x[3, :7] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5])  # scale 1: exact ties
-    x[3, 7:] = 0.0
+    # absmax 127.5: scale 1 (compressed-tensors' absmax / 127.5), exact ties, both clamps
+    x[3, :8] = torch.tensor([127.5, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, -127.5])
+    x[3, 8:] = 0.0
     x = x.to(dtype)
     q, scale = quantize_per_token(x.to(DEVICE))
     expected_q, expected_scale = P.quantize_per_token_int8(x)
     assert torch.equal(q.cpu(), expected_q)
     assert torch.equal(scale.cpu(), expected_scale.reshape(-1))
-    assert q[3, :7].tolist() == [127, 2, 4, -2, 0, 0, 2]
+    assert q[3, :8].tolist() == [127, 2, 4, -2, 0, 0, 2, -128]
 
 
 def test_int4_prepared_layout():
@@ -343,6 +344,24 @@ def test_cpu_tensor_without_interpreter_falls_back(monkeypatch):
     assert "TRITON_INTERPRET" in tb.INT8_WEIGHT_ONLY.supports(weight, x)
     selection = select_kernel(formats.get("int8_weight_only"), weight, x)
     assert selection.backend == "reference" and "TRITON_INTERPRET" in selection.fallback_reason
+
+
+def test_format_without_a_triton_kernel_falls_back_naming_it(monkeypatch):
+    """int8_g128 has no Triton kernel: asked for triton, the dispatch names that and runs the
+    format's reference arithmetic (what a CUDA tensor gets too, the native kernels being CPU-only)."""
+    fmt = formats.get("int8_g128")
+    module = quantize_layer((torch.randn(40, 256) * 0.05).to(DEVICE), None, "int8_g128")
+    x = torch.randn(3, 256).to(DEVICE)
+    monkeypatch.setenv("AUTOQ_BACKEND", "triton")
+    selection = select_kernel(fmt, module.quantized_weight(), x)
+    assert selection.backend == "reference"
+    assert "the triton backend has no kernel for int8_g128" in selection.fallback_reason
+    expected = fmt.reference_linear(x, module.quantized_weight(), None)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected)
+    monkeypatch.delenv("AUTOQ_BACKEND")
+    if DEVICE.type == "cuda":
+        assert module.backend_for(x) == "reference"
 
 
 def test_supports_rejects_unsupported_inputs():

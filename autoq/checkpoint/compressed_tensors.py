@@ -12,14 +12,15 @@ own.
 |------------------|---------------------------------------------------|----------------|
 | int8_dynamic     | W8A8: int8 symmetric per-channel weights, int8    | int-quantized  |
 |                  | symmetric dynamic per-token input activations     |                |
-| int8_weight_only | W8A16: int8 symmetric per-channel weights         | pack-quantized |
+| int8_weight_only | int8 symmetric per-channel weights                | pack-quantized |
+| int8_g128        | W8A16: int8 symmetric, strategy group, 128        | pack-quantized |
 | int4_g{G}        | W4A16_ASYM: int4 asymmetric, strategy group, G    | pack-quantized |
 
 Tensors per layer (``[N, K]`` = ``[out_features, in_features]``):
 
 - int-quantized: ``weight`` int8 ``[N, K]``, ``weight_scale`` ``[N, 1]``.
-- pack-quantized int8: ``weight_packed`` int32 ``[N, K/4]``, ``weight_scale`` ``[N, 1]``,
-  ``weight_shape`` int64 ``[2]``.
+- pack-quantized int8: ``weight_packed`` int32 ``[N, K/4]``, ``weight_scale`` ``[N, 1]`` (per
+  channel) or ``[N, K/G]`` (groups), ``weight_shape`` int64 ``[2]``.
 - pack-quantized int4: ``weight_packed`` int32 ``[N, K/8]``, ``weight_scale`` ``[N, K/G]``,
   ``weight_zero_point`` int32 ``[N/8, K/G]``, ``weight_shape``.
 
@@ -36,11 +37,11 @@ keep autoq's dtype (fp32 for int8, fp16 for int4) and loaders cast them, so noth
 Reading converts back: int8 scales to fp32 (exact from any float dtype), int4 scales to fp16,
 which rounds scales that a foreign checkpoint stored in fp32 or bf16.
 
-Activation rounding of W8A8: autoq, like vLLM's int8 kernels, quantizes each token
-symmetrically to [-127, 127] with ``scale = absmax / 127``. compressed-tensors' own (fake-quant)
-forward, which transformers runs, uses [-128, 127] with ``scale = absmax / 127.5``. The same
-checkpoint therefore gives slightly different W8A8 outputs in transformers (relative error around
-1e-2 on a whole model); weight-only layers dequantize to identical weights.
+Activation rounding of W8A8: autoq quantizes each token as compressed-tensors' own forward does
+(what transformers runs, the scheme's spec): [-128, 127] with ``scale = absmax / 127.5``, round
+half to even (``primitives.quantize_per_token_int8``). vLLM's int8 kernels use [-127, 127] and
+``absmax / 127``, within one rounding step of that. Weight-only layers dequantize to identical
+weights.
 
 compressed-tensors quantizes ``nn.Linear`` layers only: models whose quantized layers come from
 anything else (GPT-2's ``Conv1D``) and models that are not Hugging Face models are saved in
@@ -50,8 +51,8 @@ autoq's own format instead, with a warning that says why. vLLM fuses some siblin
 Loading (:func:`load`) reads these checkpoints, and ones compressed-tensors writes for the
 schemes above (int4 symmetric groups too, with zero point 8), into autoq's modules without making
 float weights; other schemes raise an error naming them, and the compressed-tensors preset they
-are when one is (llm-compressor's ``W8A16`` preset is int8 in groups of 128, which no autoq
-format stores; ``FP8`` has a static activation scale; ``NVFP4``, ``W4A8``, KV-cache schemes). compressed-tensors rounds int8 weights
+are when one is (``FP8`` has a static activation scale; ``NVFP4``, ``W4A8``, KV-cache schemes).
+llm-compressor's ``W8A16`` preset, int8 in groups of 128, loads as ``int8_g128``. compressed-tensors rounds int8 weights
 with ``absmax / 127.5``, so its checkpoints may hold -128, which autoq's int8 kernels accept.
 Buffers no checkpoint holds (rotary ``inv_freq``) are recomputed by the model's ``_init_weights``,
 as transformers does, so they come back in their constructor's dtype (fp32) even if the saved

@@ -1,9 +1,12 @@
-"""Integer formats: int8 per output channel (W8A8 and W8A16) and asymmetric int4 per group (W4A16).
+"""Integer formats: int8 per output channel (W8A8 and W8A16), int8 per group (W8A16 in groups,
+llm-compressor's W8A16 preset) and int4 per group (W4A16).
 
 Storage (``QuantizedWeight`` fields, ``[N, K]`` = ``[out_features, in_features]``):
 
 - int8 formats: ``qweight`` int8 ``[N, K]`` in [-127, 127] (checkpoints from elsewhere may hold
   -128), ``scale`` fp32 ``[N]``; ``w = q * scale``.
+- int8 groups (``int8_g{G}``): ``qweight`` as above, ``scale`` fp32 ``[N, K // G]``, one per group
+  of G input elements; ``w = q * scale[:, k // G]``.
 - int4 formats: ``qweight`` uint8 ``[N, K // 2]`` (element 2j in the low nibble of byte j),
   ``scale`` fp16 ``[N, K // G]``, ``zero_point`` uint8 ``[N, K // G]`` in ``[0, 15]``;
   ``w = (q - zero_point) * scale``.
@@ -16,6 +19,8 @@ compressed-tensors' order, see ``primitives.pack_int32``):
 | int8_dynamic     | int8 symmetric channel weights + int8 symmetric   | int-quantized  |
 |                  | dynamic per-token input activations (W8A8)        |                |
 | int8_weight_only | int8 symmetric channel weights (W8A16)            | pack-quantized |
+| int8_g{G}        | int8 symmetric group G weights (llm-compressor's  | pack-quantized |
+|                  | W8A16 preset for G = 128)                         |                |
 | int4_g{G}        | int4 asymmetric group G weights (W4A16_ASYM)      | pack-quantized |
 | int4_sym_g{G}    | int4 symmetric group G weights (W4A16)            | pack-quantized |
 
@@ -66,6 +71,26 @@ def pop_int_weight(name: str, tensors: dict[str, torch.Tensor], num_bits: int,
     return unsigned
 
 
+def int8_from_unsigned(unsigned: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' stored int8 value (``q + 128``, uint8) back to ``q`` (int8)."""
+    return (unsigned.to(torch.int16) - 128).to(torch.int8)
+
+
+def export_packed_int8(weight: QuantizedWeight, scale: torch.Tensor,
+                       model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An int8 weight-only layer in compressed-tensors' pack-quantized layout (``scale`` 2-D:
+    ``[N, 1]`` per channel, ``[N, K / G]`` per group)."""
+    unsigned = (weight.qweight.to(torch.int16) + 128).to(torch.uint8)
+    return {"weight_packed": P.pack_int32(unsigned, 8),
+            "weight_scale": scale_out(scale, model_dtype),
+            "weight_shape": torch.tensor([weight.out_features, weight.in_features])}
+
+
+def accepts_int8_weights(weights: dict, strategies: tuple[str, ...]) -> bool:
+    return (plain_weights(weights) and weights["num_bits"] == 8 and weights["symmetric"]
+            and weights["strategy"] in strategies)
+
+
 class Int8PerChannel(PerChannel):
     """int8 symmetric weights, one fp32 scale per output channel."""
 
@@ -90,17 +115,16 @@ class Int8PerChannel(PerChannel):
         tensors.pop(f"{name}.weight_zero_point", None)  # symmetric: all zero when present
         # "tensor" strategy: one scale for every row.
         scale = scale.float().reshape(-1).expand(out_features).contiguous()
-        return QuantizedWeight((unsigned.to(torch.int16) - 128).to(torch.int8), scale, None,
-                               out_features, in_features)
+        return QuantizedWeight(int8_from_unsigned(unsigned), scale, None, out_features, in_features)
 
     def _accepts_weights(self, weights: dict) -> bool:
-        return (plain_weights(weights) and weights["num_bits"] == 8 and weights["symmetric"]
-                and weights["strategy"] in ("channel", "tensor"))
+        return accepts_int8_weights(weights, ("channel", "tensor"))
 
 
 class Int8Dynamic(Int8PerChannel):
-    """W8A8: int8 weights per output channel; activations quantized per token at run time to
-    [-127, 127] with ``scale = absmax / 127``, accumulated exactly (int32)."""
+    """W8A8: int8 weights per output channel; activations quantized per token at run time with
+    compressed-tensors' convention (``primitives.quantize_per_token_int8``: [-128, 127],
+    ``scale = absmax / 127.5``, round half to even), accumulated exactly (int32)."""
 
     def reference_linear(self, x: torch.Tensor, weight: QuantizedWeight,
                          bias: torch.Tensor | None) -> torch.Tensor:
@@ -139,10 +163,72 @@ class Int8WeightOnly(Int8PerChannel):
         return self._accepts_weights(weights) and input_activations is None
 
     def ct_export(self, weight: QuantizedWeight, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        unsigned = (weight.qweight.to(torch.int16) + 128).to(torch.uint8)
-        return {"weight_packed": P.pack_int32(unsigned, 8),
-                "weight_scale": scale_out(weight.scale.reshape(-1, 1), model_dtype),
-                "weight_shape": torch.tensor([weight.out_features, weight.in_features])}
+        return export_packed_int8(weight, weight.scale.reshape(-1, 1), model_dtype)
+
+
+class Int8Groups(Format):
+    """W8A16 in groups: int8 symmetric (no zero point, [-127, 127]) per group of ``group_size``
+    input elements, one fp32 scale per group (``absmax / 127``, as int8 per channel). For
+    G = 128 this is compressed-tensors' / llm-compressor's ``W8A16`` preset."""
+
+    weight_bits = 8
+
+    def __init__(self, name: str, description: str, group_size: int, default_candidate: bool = True):
+        super().__init__(name, description, default_candidate=default_candidate)
+        self._group_size = group_size
+
+    @property
+    def group_size(self) -> int:
+        return self._group_size
+
+    def storage_bits(self, out_features: int, in_features: int) -> float:
+        return 8.0 + 32 / self.group_size  # fp32 scale per group
+
+    def check(self, out_features: int, in_features: int) -> str | None:
+        if in_features % self.group_size != 0:
+            return f"in_features={in_features} is not divisible by group size {self.group_size}"
+        return None
+
+    def tensor_specs(self, out_features: int, in_features: int) -> TensorSpecs:
+        return {"qweight": ((out_features, in_features), torch.int8),
+                "scale": ((out_features, in_features // self.group_size), torch.float32)}
+
+    def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        n, k = weight.shape
+        q, scale = P.quantize_int8_symmetric(weight, (1, self.group_size))
+        return QuantizedWeight(q, scale, None, n, k, self.group_size)
+
+    def gptq_grid(self, out_features: int, in_features: int) -> GPTQGrid:
+        # int8 per channel's grid (fit_int8 fits any [N, G] block), one group per G columns.
+        def encode(w_hat: torch.Tensor, params: list) -> QuantizedWeight:
+            q, scale = gptq.encode_int8(w_hat, params)
+            return QuantizedWeight(q, scale, None, out_features, in_features, self.group_size)
+
+        return GPTQGrid(f"int8 symmetric g{self.group_size}", self.group_size, gptq.fit_int8,
+                        gptq.fake_quant_int8, encode)
+
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return P.dequantize_affine(weight.qweight, (1, weight.group_size), weight.scale, None, dtype)
+
+    def ct_scheme(self) -> dict:
+        return {"weights": int_args(8, True, "group", self.group_size),
+                "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+
+    def ct_accepts(self, weights: dict, input_activations: dict | None) -> bool:
+        return (accepts_int8_weights(weights, ("group",)) and weights["group_size"] == self.group_size
+                and input_activations is None)
+
+    def ct_export(self, weight: QuantizedWeight, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return export_packed_int8(weight, weight.scale, model_dtype)
+
+    def ct_import(self, name: str, weights: dict, tensors: dict[str, torch.Tensor],
+                  out_features: int, in_features: int) -> QuantizedWeight:
+        unsigned = pop_int_weight(name, tensors, 8, out_features, in_features)
+        groups = in_features // self.group_size
+        scale = tensors.pop(f"{name}.weight_scale").float().reshape(out_features, groups).contiguous()
+        tensors.pop(f"{name}.weight_zero_point", None)  # symmetric: all zero when present
+        return QuantizedWeight(int8_from_unsigned(unsigned), scale, None, out_features, in_features,
+                               self.group_size)
 
 
 class Int4Groups(Format):

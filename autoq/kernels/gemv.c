@@ -1,4 +1,4 @@
-/* fp32 GEMV (M = 1) over autoq's int8 and int4 weights, for CPUs without native bf16.
+/* fp32 GEMV (M = 1) over autoq's int8 (per channel or in groups) and int4 weights, for CPUs without native bf16.
  *
  * Decode is memory-bound: reading 1 (int8) or 0.5 (int4) byte per weight instead of 4 is the whole
  * gain, so each kernel streams the quantized rows once, widens them to fp32 in registers and
@@ -59,6 +59,64 @@ void autoq_gemv_int8(const float *x, const int8_t *q, const float *scale, float 
         const int8_t *row = q + r * k;
         float d = isa == 3 ? dot_int8_avx512(x, row, k) : isa == 2 ? dot_int8_avx2(x, row, k) : dot_int8_c(x, row, k);
         y[r] = d * scale[r];
+    }
+}
+
+/* ---- int8 in groups: y[r] = sum_g scale[r, g] * sum_{j in g} q[r, j] * x[j] ----
+ * q: int8 [n, k]; scale: fp32 [n, k / group]; the vector versions need group % 32 == 0. The
+ * group sums stay in vector registers: one broadcast FMA per group, one reduction per row. */
+
+static float row_int8g_c(const float *x, const int8_t *q, const float *scale, int64_t k, int64_t group) {
+    float y = 0.f;
+    for (int64_t g = 0; g < k / group; ++g) y += scale[g] * dot_int8_c(x + g * group, q + g * group, group);
+    return y;
+}
+
+__attribute__((target("avx2,fma")))
+static float row_int8g_avx2(const float *x, const int8_t *q, const float *scale, int64_t k, int64_t group) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k / group; ++g) {
+        __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
+        for (int64_t j = g * group; j < (g + 1) * group; j += 16) {
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j))));
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j + 8))));
+            p0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j), p0);
+            p1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j + 8), p1);
+        }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), _mm256_set1_ps(scale[g]), acc);
+    }
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static float row_int8g_avx512(const float *x, const int8_t *q, const float *scale, int64_t k, int64_t group) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < k / group; ++g) {
+        __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+        for (int64_t j = g * group; j < (g + 1) * group; j += 32) {
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j + 16))));
+            p0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j), p0);
+            p1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j + 16), p1);
+        }
+        acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(scale[g]), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void autoq_gemv_int8_groups(const float *x, const int8_t *q, const float *scale, float *y,
+                            int64_t n, int64_t k, int64_t group, int isa, int threads) {
+    int64_t groups = k / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const int8_t *row = q + r * k;
+        const float *s = scale + r * groups;
+        y[r] = isa == 3 ? row_int8g_avx512(x, row, s, k, group)
+             : isa == 2 ? row_int8g_avx2(x, row, s, k, group)
+             : row_int8g_c(x, row, s, k, group);
     }
 }
 
@@ -181,6 +239,21 @@ void autoq_dequant_int8(const int8_t *q, const float *scale, float *out, int64_t
     for (int64_t r = 0; r < n; ++r) {
         const float s = scale[r];
         for (int64_t j = 0; j < k; ++j) out[r * k + j] = (float)q[r * k + j] * s;
+    }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void autoq_dequant_int8_groups(const int8_t *q, const float *scale, float *out, int64_t n, int64_t k,
+                               int64_t group, int threads) {
+    int64_t groups = k / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        for (int64_t g = 0; g < groups; ++g) {
+            const float s = scale[r * groups + g];
+            const int8_t *src = q + r * k + g * group;
+            float *dst = out + r * k + g * group;
+            for (int64_t j = 0; j < group; ++j) dst[j] = (float)src[j] * s;
+        }
     }
 }
 

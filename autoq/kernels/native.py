@@ -9,10 +9,12 @@ Paths (``PATHS`` per format; which are candidates depends on the ISA, ``autoq.ke
   in bf16. Without AVX512-BF16/AMX bf16 is emulated and these lose to fp32.
 - ``pack_fp32`` (M = 1, when ``gemv`` is not built): the same ops with fp32 activations, their
   only fp32 form (0.5x fp32 ``F.linear`` here at M=1, 20-60x slower than bf16 from M=32 on).
-- ``dequant_bf16`` (native bf16, M >= 16) / ``dequant_fp32`` (M >= 2): dequantize
+- ``dequant_bf16`` (native bf16, M >= 16) / ``dequant_fp32`` (M >= 2; M = 1 when nothing else runs): dequantize
   ``DEQUANT_CHUNK_ROWS`` output rows at a time (a chunk stays in cache for its GEMM; fp32: the
   whole weight when small, ``DEQUANT_WHOLE_FP32_BYTES``) and run the float GEMM: for large M the
   GEMM dominates, so this runs at about float GEMM speed.
+- int8 in groups (``int8_g128``): torch has no packed op for grouped int8 scales, so only ``gemv``
+  (gemv.c's grouped int8 kernel, group % 32 == 0) and the two dequant paths.
 - int8_dynamic: ``int_mm`` (per-token int8 activations + ``torch._int_mm``, oneDNN: fast with
   VNNI/AMX, slower than fp32 on plain AVX2), ``gemv`` and ``fp32`` (the same int8 products as an
   fp32 GEMV / GEMM, exact up to fp32 rounding of the int32 sums).
@@ -40,7 +42,7 @@ import torch
 
 from autoq import primitives as P
 from autoq.formats import QuantizedWeight, register_kernel
-from autoq.formats.integer import Int4Groups, Int8Dynamic, Int8WeightOnly
+from autoq.formats.integer import Int4Groups, Int8Dynamic, Int8Groups, Int8WeightOnly
 from autoq.kernels.cpu import CpuIsa, cpu_isa, has_native_bf16
 from autoq.kernels.tuning import cache_dir, m_bucket
 
@@ -120,6 +122,10 @@ def gemv_library() -> ctypes.CDLL | None:
             lib.autoq_dequant_int4.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32]
             for fn in (lib.autoq_gemv_int8, lib.autoq_gemv_int4, lib.autoq_dequant_int8, lib.autoq_dequant_int4):
                 fn.restype = None
+            if hasattr(lib, "autoq_gemv_int8_groups"):  # a library built before int8 groups lacks them
+                lib.autoq_gemv_int8_groups.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32, i32]
+                lib.autoq_dequant_int8_groups.argtypes = [vp, vp, vp, i64, i64, i64, i32]
+                lib.autoq_gemv_int8_groups.restype = lib.autoq_dequant_int8_groups.restype = None
             _GEMV = lib
     return _GEMV
 
@@ -139,6 +145,26 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
     for row in range(x.shape[0]):
         lib.autoq_gemv_int8(x[row].data_ptr(), qweight.data_ptr(), scale.data_ptr(), y[row].data_ptr(),
                             n, k, isa, threads)
+    return y
+
+
+def gemv_int8_groups_library() -> ctypes.CDLL | None:
+    """The GEMV library when it has the int8-groups kernels."""
+    lib = gemv_library()
+    return lib if lib is not None and hasattr(lib, "autoq_gemv_int8_groups") else None
+
+
+def gemv_int8_groups(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """fp32 ``x @ W.T`` for int8 groups ``W = q * scale[:, k // group_size]`` (scale fp32)."""
+    lib, isa, threads = gemv_int8_groups_library(), gemv_isa(cpu_isa()), torch.get_num_threads()
+    assert lib is not None
+    n, k = qweight.shape
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    for row in range(x.shape[0]):
+        lib.autoq_gemv_int8_groups(x[row].data_ptr(), qweight.data_ptr(), scale.data_ptr(), y[row].data_ptr(),
+                                   n, k, group_size, isa, threads)
     return y
 
 
@@ -165,6 +191,19 @@ def dequant_int8_fp32(weight: QuantizedWeight) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.float32)
     lib.autoq_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
                            torch.get_num_threads())
+    return out
+
+
+def dequant_int8_groups(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale`` per group in ``dtype``, ``[N, K]``: fp32 in one pass in C when built."""
+    lib = gemv_int8_groups_library()
+    n, k, g = weight.out_features, weight.in_features, weight.group_size
+    if dtype != torch.float32 or lib is None:
+        return (weight.qweight.to(dtype).view(n, -1, g) * weight.scale.to(dtype).unsqueeze(-1)).view(n, k)
+    q, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.autoq_dequant_int8_groups(q.data_ptr(), scale.data_ptr(), out.data_ptr(), n, k, g,
+                                  torch.get_num_threads())
     return out
 
 
@@ -281,7 +320,7 @@ class Prepared:
     """One layer's weight and the path-specific tensors built on first use."""
 
     weight: QuantizedWeight
-    kind: str  # the format family in tuning keys: int8_dynamic, int8_weight_only, int4
+    kind: str  # the kernel's name in tuning keys: int8_dynamic, int8_weight_only, int8_groups, int4
     tensors: dict[str, object] = field(default_factory=dict)
     choice: dict[tuple[torch.dtype, int], str] = field(default_factory=dict)  # (dtype, M bucket)
 
@@ -394,22 +433,23 @@ class Int8DynamicNative(PathKernel):
 
 
 class WeightOnlyNative(PathKernel):
-    """The paths shared by int8_weight_only and int4 (see the module docstring)."""
+    """The paths shared by the weight-only formats (see the module docstring)."""
 
     PATHS = ("gemv", "pack_bf16", "pack_fp32", "dequant_bf16", "dequant_fp32")
+    has_pack_op = True  # torch has a packed-weight matmul for this format (the pack_* paths)
 
     def candidates(self, prepared: Prepared, m: int, isa: CpuIsa) -> list[str]:
         bf16 = has_native_bf16()
         gemv = m <= GEMV_MAX_M and bool(gemv_isa(isa)) and gemv_library() is not None \
             and self.gemv_fits(prepared.weight)
         out = ["gemv"] if gemv else []
-        if bf16 and m <= 256:
+        if bf16 and m <= 256 and self.has_pack_op:
             out.append("pack_bf16")
-        if m == 1 and not gemv:
+        if m == 1 and not gemv and self.has_pack_op:
             out.append("pack_fp32")
         if bf16 and m >= 16:
             out.append("dequant_bf16")
-        if m >= 2:
+        if m >= 2 or not out:
             out.append("dequant_fp32")
         return out
 
@@ -509,3 +549,25 @@ class Int4Native(WeightOnlyNative):
         scale = prepared.get("scale_fp16", lambda: w.scale.to(torch.float16).contiguous())
         zero_point = prepared.get("zero_point", lambda: w.zero_point.to(torch.uint8).contiguous())
         return gemv_int4(x, qweight, scale, zero_point, w.group_size)
+
+
+@register_kernel("native", Int8Groups)
+class Int8GroupsNative(WeightOnlyNative):
+    """int8 in groups: torch has no packed matmul for grouped int8 scales, so the paths are our
+    GEMV (group % 32 == 0) and dequantize + float GEMM."""
+
+    kind = "int8_groups"
+    PATHS = ("gemv", "dequant_bf16", "dequant_fp32")
+    has_pack_op = False
+
+    def gemv_fits(self, weight: QuantizedWeight) -> bool:
+        return weight.group_size % 32 == 0 and gemv_int8_groups_library() is not None
+
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+        return dequant_int8_groups(weight, dtype)
+
+    def gemv(self, x: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        w = prepared.weight
+        qweight = prepared.get("qweight", lambda: aligned(w.qweight))
+        scale = prepared.get("scale_fp32", lambda: w.scale.float().contiguous())
+        return gemv_int8_groups(x, qweight, scale, w.group_size)

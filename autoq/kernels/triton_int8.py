@@ -16,8 +16,11 @@ int8_dynamic (W8A8)
     Quantizing inside the matmul prologue is not done: the scale of a row needs the absmax over
     all of K before its first tile can be quantized, and every column block would redo it.
 
-    Numerics match ``Int8Dynamic.reference_linear`` (autoq.formats.integer): absmax / 127 (correctly rounded division),
-    round half to even, clamp to [-127, 127]; the int32 accumulation is exact.
+    Numerics match ``Int8Dynamic.reference_linear`` (autoq.formats.integer), which is
+    compressed-tensors' convention (``autoq.primitives.quantize_per_token_int8``): absmax / 127.5
+    (correctly rounded division), clamp to [-128, 127], round half to even; the int32
+    accumulation is exact. vLLM's kernel uses absmax / 127 and [-127, 127]: within one rounding
+    step of this.
 
 int8_weight_only (W8A16)
     - GEMV (M = 1): each program owns ``BLOCK_N`` rows of the weight and one K slice
@@ -52,10 +55,19 @@ from autoq.kernels.triton_common import (
     write_result,
 )
 from autoq.kernels.tuning import KernelConfig
-from autoq.primitives import ROUND_MAGIC, SCALE_EPS
+from autoq.primitives import (
+    INT8_ACT_QMAX,
+    INT8_ACT_QMIN,
+    INT8_ACT_SCALE_DIVISOR,
+    INT8_ACT_ZERO_SCALE,
+    ROUND_MAGIC,
+)
 
 _ROUND_MAGIC = tl.constexpr(ROUND_MAGIC)
-_SCALE_EPS = tl.constexpr(SCALE_EPS)
+_ACT_SCALE_DIVISOR = tl.constexpr(INT8_ACT_SCALE_DIVISOR)
+_ACT_ZERO_SCALE = tl.constexpr(INT8_ACT_ZERO_SCALE)
+_ACT_QMIN = tl.constexpr(float(INT8_ACT_QMIN))
+_ACT_QMAX = tl.constexpr(float(INT8_ACT_QMAX))
 
 
 @dataclass(frozen=True)
@@ -96,15 +108,20 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K:
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    # div_rn: Triton's default fp32 division is approximate; torch's is correctly rounded.
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), _SCALE_EPS)
+    # compressed-tensors' convention (autoq.primitives.quantize_per_token_int8): absmax / 127.5,
+    # a zero scale replaced by eps. div_rn: Triton's default fp32 division is approximate;
+    # torch's is correctly rounded.
+    scale = tl.math.div_rn(tl.max(amax, axis=0), _ACT_SCALE_DIVISOR)
+    scale = tl.where(scale == 0.0, _ACT_ZERO_SCALE, scale)
 
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.math.div_rn(x, scale)
-        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC  # round half to even, like torch.round
-        v = tl.minimum(tl.maximum(v, -127.0), 127.0)  # clamp before the cast: it would wrap
+        # Clamp to [-128, 127] before the cast (it would wrap, e.g. under TRITON_INTERPRET=1),
+        # then round half to even, like torch.round (the same integers as clamping after).
+        v = tl.minimum(tl.maximum(v, _ACT_QMIN), _ACT_QMAX)
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
         tl.store(q_row + k0 + offs, v.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 
