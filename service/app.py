@@ -34,7 +34,7 @@ from service.routes import jobs, models, ops, plans
 from service.routes.common import NotFound, Refused, errors, require_token, token_matches
 from service.routes.feeds import Feeds
 from service.settings import Settings
-from service.store import Conflict, QueueFull, Store
+from service.store import Conflict, QueueFull, QuotaExceeded, Store
 from service.uploads import ArchiveError, ModelDirError, TooLarge, remove_tree
 
 log = logging.getLogger("autoq.service")
@@ -149,6 +149,8 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, Conflict):
         return error(409, str(exc))
     if isinstance(exc, QueueFull):
+        return error(429, str(exc), {"Retry-After": "30"})
+    if isinstance(exc, QuotaExceeded):
         return error(429, str(exc), {"Retry-After": "30"})
     if isinstance(exc, TooLarge):
         return error(413, str(exc))
@@ -269,7 +271,8 @@ def remove_stale_uploads(settings: Settings, older_than: float = 3600.0) -> None
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     settings.make_dirs()
-    store = Store(settings.database, max_queued=settings.max_queued_jobs)
+    store = Store(settings.database, max_queued=settings.max_queued_jobs,
+                  max_per_owner=settings.max_jobs_per_token)
     await run_in_threadpool(store.create_all)
     remove_stale_uploads(settings)
     executor = make_executor(settings, store)
@@ -309,8 +312,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
-    for kind in (Refused, UnknownModel, NotFound, Conflict, QueueFull, ArchiveError,
-                 ModelDirError):
+    for kind in (Refused, UnknownModel, NotFound, Conflict, QueueFull, QuotaExceeded,
+                 ArchiveError, ModelDirError):
         app.add_exception_handler(kind, domain_error)
     for kind in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(kind, database_error)

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
         32_768, gt=0, description="Largest hidden size a model's config may ask for."
     )
     max_queued_jobs: int = Field(1000, gt=0, description="Jobs that may wait at once (429 past it).")
+    max_jobs_per_token: int = Field(
+        20, gt=0, description="Jobs one client (bearer token, or address when there are no "
+                              "tokens) may have queued or running at once (429 past it).")
     job_retention_seconds: float | None = Field(
         None, gt=0, description="Finished jobs older than this are deleted, with their events and "
                                 "files (default: kept)."

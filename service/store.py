@@ -14,6 +14,7 @@ worker and the plan endpoint. Progress writes are throttled per job.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,9 @@ class JobRow(Base):
     model_path: Mapped[str] = mapped_column(Text)  # the directory it resolved to
     request_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Who submitted it (a digest of the bearer token, or the address without tokens): the
+    # per-client quota counts queued + running jobs by this. Null for jobs written before.
+    owner: Mapped[str | None] = mapped_column(String(80), index=True)
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str | None] = mapped_column(Text)
@@ -131,8 +135,21 @@ class QueueFull(Exception):
     """Too many jobs are waiting already (a 429 for the client)."""
 
 
+class QuotaExceeded(Exception):
+    """This client has as many jobs queued or running as it may (a 429 for the client)."""
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(
+            f"this client (bearer token, or address when the server has no tokens) has {active} "
+            f"jobs queued or running, and may have at most {limit} at once "
+            f"(AUTOQ_MAX_JOBS_PER_TOKEN={limit}); wait for one to finish (GET "
+            f"/v1/jobs?status=running, GET /v1/jobs?status=queued) or cancel one (POST "
+            f"/v1/jobs/{{job_id}}/cancel), then retry")
+        self.active, self.limit = active, limit
+
+
 # Columns a job view needs; list, get and SSE load only these.
-VIEW_OPTIONS = (defer(JobRow.request), defer(JobRow.plan))
+VIEW_OPTIONS = (defer(JobRow.request), defer(JobRow.plan), defer(JobRow.owner))
 # Progress events of one job are written at most this often (stage and status changes always).
 PROGRESS_INTERVAL = 0.5
 
@@ -182,9 +199,11 @@ class Heartbeat:
 
 
 class Store:
-    def __init__(self, url: str, max_queued: int | None = None):
+    def __init__(self, url: str, max_queued: int | None = None,
+                 max_per_owner: int | None = None):
         self.engine = make_engine(url)
         self.max_queued = max_queued
+        self.max_per_owner = max_per_owner
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(autoq_read=True),
                                            expire_on_commit=False)
@@ -197,6 +216,11 @@ class Store:
         if "summary" not in columns:
             with self.engine.begin() as connection:
                 connection.exec_driver_sql("ALTER TABLE jobs ADD COLUMN summary JSON")
+        if "owner" not in columns:
+            with self.engine.begin() as connection:
+                connection.exec_driver_sql("ALTER TABLE jobs ADD COLUMN owner VARCHAR(80)")
+                connection.exec_driver_sql(
+                    "CREATE INDEX IF NOT EXISTS ix_jobs_owner ON jobs (owner)")
 
     def ping(self) -> None:
         with self.engine.execution_options(autoq_read=True).connect() as connection:
@@ -217,10 +241,12 @@ class Store:
     # -- jobs: creation and reading ----------------------------------------------------------
 
     def create_job(self, *, model: str, model_path: str, request: dict, request_hash: str,
-                   idempotency_key: str | None) -> tuple[JobRow, bool]:
+                   idempotency_key: str | None, owner: str | None = None) -> tuple[JobRow, bool]:
         """``(job, created)``; an existing job when the idempotency key was seen with this body.
 
-        Raises :class:`Conflict` when the key was used with another body.
+        Raises :class:`Conflict` when the key was used with another body, :class:`QueueFull`
+        when ``max_queued`` jobs wait already, :class:`QuotaExceeded` when ``owner`` has
+        ``max_per_owner`` jobs queued or running (a replayed idempotent request counts no job).
         """
         if idempotency_key is not None:
             existing = self._job_for_key(idempotency_key, request_hash)
@@ -230,7 +256,7 @@ class Store:
         job = JobRow(id=new_id("job"), status=QUEUED, model=model, model_path=model_path,
                      request=request, summary=request_summary(request),
                      request_hash=request_hash, idempotency_key=idempotency_key,
-                     progress=0.0, attempts=0, cancel_requested=False, created_at=now,
+                     owner=owner, progress=0.0, attempts=0, cancel_requested=False, created_at=now,
                      updated_at=now, event_seq=0)
         try:
             with self.transaction() as session:
@@ -239,6 +265,8 @@ class Store:
                     if (queued or 0) >= self.max_queued:
                         raise QueueFull(f"{queued} jobs are waiting already (the limit is "
                                         f"{self.max_queued}); retry later")
+                if owner is not None and self.max_per_owner is not None:
+                    self._check_quota(session, owner, self.max_per_owner)
                 session.add(job)
                 session.flush()
                 _append_event(session, job.id, "status", {"status": QUEUED, "message": "queued"})
@@ -251,6 +279,22 @@ class Store:
                 raise
             return existing, False
         return self.get_job_view(job.id), True  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_quota(session: Session, owner: str, limit: int) -> None:
+        """Raise :class:`QuotaExceeded` when ``owner`` has ``limit`` jobs queued or running.
+
+        Inside the creating transaction: on SQLite that holds the database's one write lock, so
+        two requests cannot both pass the count; on PostgreSQL a transaction-scoped advisory lock
+        per owner serialises them the same way.
+        """
+        if session.get_bind().dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(owner.encode()).digest()[:8], "big", signed=True)
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        active = session.scalar(select(func.count()).where(
+            JobRow.owner == owner, JobRow.status.in_([QUEUED, RUNNING]))) or 0
+        if active >= limit:
+            raise QuotaExceeded(active, limit)
 
     def _job_for_key(self, key: str, request_hash: str) -> JobRow | None:
         with self.reading() as session:

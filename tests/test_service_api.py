@@ -198,6 +198,42 @@ def test_queue_limit_is_429(tmp_path):
         assert full.status_code == 429 and full.headers["retry-after"].isdigit()
 
 
+def test_jobs_per_token_quota_is_429(tmp_path):
+    with make_client(tmp_path, tokens="alpha,beta", max_jobs_per_token=2) as client:
+        alpha = {"Authorization": "Bearer alpha"}
+        body = {"model": "bundled:minilm", "effective_bits": 6}
+        first = client.post("/v1/jobs", json=body, headers={**alpha, "Idempotency-Key": "k1"})
+        assert first.status_code == 202
+        assert client.post("/v1/jobs", json=body, headers=alpha).status_code == 202
+        refused = client.post("/v1/jobs", json=body, headers=alpha)
+        assert refused.status_code == 429 and refused.headers["retry-after"].isdigit()
+        detail = refused.json()["detail"]
+        assert "at most 2" in detail and "AUTOQ_MAX_JOBS_PER_TOKEN" in detail
+        assert "cancel" in detail
+        # A retried request (same Idempotency-Key and body) creates no job: not refused.
+        replay = client.post("/v1/jobs", json=body, headers={**alpha, "Idempotency-Key": "k1"})
+        assert replay.status_code == 202 and replay.json()["id"] == first.json()["id"]
+        # Another token has its own quota.
+        assert client.post("/v1/jobs", json=body,
+                           headers={"Authorization": "Bearer beta"}).status_code == 202
+        # A cancelled job no longer counts.
+        client.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=alpha)
+        assert client.post("/v1/jobs", json=body, headers=alpha).status_code == 202
+        schema = client.get("/openapi.json", headers=alpha).json()
+    documented = schema["paths"]["/v1/jobs"]["post"]
+    assert "Retry-After" in documented["responses"]["429"]["headers"]
+    assert "AUTOQ_MAX_JOBS_PER_TOKEN" in documented["description"]
+
+
+def test_jobs_quota_without_tokens_is_per_address(tmp_path):
+    with make_client(tmp_path, max_jobs_per_token=1) as client:
+        submit(client)
+        # On a server without tokens an Authorization header is ignored: no fresh quota.
+        again = client.post("/v1/jobs", json={"model": "bundled:minilm", "effective_bits": 6},
+                            headers={"Authorization": "Bearer made-up"})
+        assert again.status_code == 429, again.text
+
+
 def test_event_stream_limit_is_429(tmp_path):
     with make_client(tmp_path, max_event_streams=2) as client:
         job = submit(client)
@@ -205,7 +241,7 @@ def test_event_stream_limit_is_429(tmp_path):
         slots = client.app.state.streams
         assert client.get(f"/v1/jobs/{job['id']}/events").status_code == 200
         assert slots.open == {}  # given back when the stream ended
-        slots.open["testclient"] = 2  # two streams are open
+        slots.open["addr:testclient"] = 2  # two streams are open
         response = client.get(f"/v1/jobs/{job['id']}/events")
         assert response.status_code == 429 and "event streams" in response.json()["detail"]
 

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect as orm_state
 
-from service.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, Conflict, QueueFull, Store
+from service.store import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Conflict,
+    QueueFull,
+    QuotaExceeded,
+    Store,
+)
 
 BIG_CALIBRATION = {"texts": ["a sentence of calibration text"] * 2000}
 DATABASES = itertools.count()
@@ -76,10 +85,10 @@ def store(url) -> Store:
     store.engine.dispose()
 
 
-def new_job(store: Store, **request) -> str:
+def new_job(store: Store, owner: str | None = None, **request) -> str:
     body = {"model": "bundled:minilm", "effective_bits": 6, "objective": "balanced", **request}
     job, _ = store.create_job(model="bundled:minilm", model_path="bundled:minilm", request=body,
-                              request_hash="h", idempotency_key=None)
+                              request_hash="h", idempotency_key=None, owner=owner)
     return job.id
 
 
@@ -188,6 +197,52 @@ def test_queue_limit(store):
         new_job(store)
     store.request_cancel(first)
     new_job(store)  # room again
+
+
+def test_quota_per_owner_counts_queued_and_running(store):
+    store.max_per_owner = 2
+    first, second = new_job(store, owner="token:a"), new_job(store, owner="token:a")
+    store.claim(first, "w1")  # running counts as much as queued
+    with pytest.raises(QuotaExceeded, match="at most 2") as refused:
+        new_job(store, owner="token:a")
+    assert (refused.value.active, refused.value.limit) == (2, 2)
+    new_job(store, owner="token:b")  # another client has its own quota
+    new_job(store)  # so do jobs without an owner (none counted)
+    store.request_cancel(second)  # a finished job no longer counts
+    new_job(store, owner="token:a")
+    with pytest.raises(QuotaExceeded):
+        new_job(store, owner="token:a")
+
+
+def test_quota_holds_under_concurrent_submissions(store):
+    store.max_per_owner = 3
+    created, refused = [], []
+
+    def submit() -> None:
+        try:
+            created.append(new_job(store, owner="token:a"))
+        except QuotaExceeded:
+            refused.append(1)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(created), len(refused)) == (3, 5)
+
+
+def test_jobs_from_before_the_owner_column(store, url):
+    job_id = new_job(store)
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_jobs_owner")
+        connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN owner")
+    reopened = Store(url, max_per_owner=1)
+    reopened.create_all()  # adds the column (and its index) back, empty for the old row
+    assert reopened.get_job_view(job_id).status == QUEUED
+    new_job(reopened, owner="token:a")
+    with pytest.raises(QuotaExceeded):
+        new_job(reopened, owner="token:a")
 
 
 def test_progress_writes_are_throttled(store):

@@ -33,6 +33,7 @@ from service.schemas import (
     event_stream_schema,
     timestamp,
 )
+from service.settings import Settings
 from service.store import RUNNING, JobRow, Store, request_summary
 from service.uploads import remove_tree
 
@@ -65,6 +66,16 @@ def view_one(store: Store, job: JobRow) -> Job:
     return job_view(job, store.stage_timings([job.id])[job.id])
 
 
+def client_key(request: Request, settings: Settings) -> str:
+    """Who is asking, for the per-client limits: a digest of the bearer token when the server
+    has tokens (the token itself is never stored), else the client's address (an Authorization
+    header a tokenless server ignores does not make a new client)."""
+    if settings.tokens:
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:40]
+    return "addr:" + (request.client.host if request.client else "unknown")
+
+
 def request_hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -73,6 +84,7 @@ def request_hash(data: dict) -> str:
              responses=errors(400, 403, 404, 409, 422, 429))
 def create_job(
     body: JobCreate,
+    request: Request,
     response: Response,
     settings: SettingsDep,
     store: StoreDep,
@@ -84,13 +96,17 @@ def create_job(
     """Queue a quantization job. Returns 202 with the job and a Location header.
 
     The model must exist (404) and be one this server may use (403 outside the model roots,
-    422 when it is not a usable model directory); 429 when the queue is full.
+    422 when it is not a usable model directory). 429 (with ``Retry-After``) when the queue is
+    full, or when this client (its bearer token; its address on a server without tokens)
+    already has ``AUTOQ_MAX_JOBS_PER_TOKEN`` jobs queued or running: wait for one to finish or
+    cancel one.
     """
     model_path = resolve_model(settings, store, body.model)
     data = body.model_dump(mode="json")
     job, created = store.create_job(model=body.model, model_path=model_path, request=data,
                                     request_hash=request_hash(data),
-                                    idempotency_key=idempotency_key)
+                                    idempotency_key=idempotency_key,
+                                    owner=client_key(request, settings))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -143,11 +159,6 @@ class StreamSlots:
                 del self.open[client]
 
 
-def client_key(request: Request) -> str:
-    authorization = request.headers.get("authorization", "")
-    if authorization:
-        return hashlib.sha256(authorization.encode()).hexdigest()
-    return request.client.host if request.client else "unknown"
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
@@ -171,7 +182,7 @@ def job_events(
     found(store.job_status(job_id), f"job {job_id}")
     start = int(last_event_id) if last_event_id is not None else (after or 0)
     slots: StreamSlots = request.app.state.streams
-    client = client_key(request)
+    client = client_key(request, settings)
     slots.take(client, settings.max_event_streams)
     return EventStreamResponse(event_stream(request.app.state.feeds, job_id, start),
                                release=lambda: slots.give_back(client))

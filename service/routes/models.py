@@ -61,6 +61,10 @@ async def upload_model(
     with links, devices, absolute paths or ``..`` are refused (400), so are archives over the
     size limits, the storage quota or the free disk space (413), and directories that are not
     a usable model (422).
+
+    The body's schema is any non-empty bytes: no schema can say which bytes are an archive of a
+    complete model, so bytes that match it are not necessarily accepted; what is not a tar or
+    zip is refused with 400 and an archive that does not hold a usable model with 422.
     """
     length = request.headers.get("content-length", "")
     expected = int(length) if length.isdigit() else settings.max_upload_bytes
