@@ -9,12 +9,13 @@ refine) — each taking plain data and returning plain data, with the results ca
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from autoq import bench, formats, profile, sensitivity, solve
+from autoq import bench, formats, profile, sensitivity, solve, stream
 from autoq.cache import PlanCache, make_key, model_fingerprint
 from autoq.calibration import as_batches, fingerprint
 from autoq.config import SearchConfig, loss_identity, plan_key
@@ -88,8 +89,49 @@ def _loss_description(config: SearchConfig, batches: Sequence) -> str:
 
 def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], config: SearchConfig, *,
              cache: PlanCache, hardware: dict, model_info: ModelInfo, calibration: str,
-             report: ProgressFn | None) -> SearchStats:
+             report: ProgressFn | None, streamed: stream.StreamedModel | None = None) -> SearchStats:
     """Profile, benchmark and score: everything a plan is solved from."""
+    fmts = list(config.formats)
+    hw_key = bench.hardware_key(hardware)
+    notes: list[str] = []
+    settings = {"probes": config.probes, "seed": config.seed, "sqnr_floor_db": bench.SQNR_FLOOR_DB,
+                "m_bucketing": "next power of two", "loss": _loss_description(config, batches),
+                "method": config.method, "calibration_batches": len(batches)}
+    if streamed is not None:
+        result = stream.measure(streamed, batches, layers, fmts, timings=cache.timings(hw_key),
+                                loss_fn=config.loss_fn, probes=config.probes, seed=config.seed,
+                                max_memory=config.max_memory, spill_dir=config.spill_dir, report=report)
+        prof, timed, scores, failed, methods, seconds = (result.profile, result.bench, result.scores,
+                                                         result.dropped, {}, result.seconds)
+        notes.append(result.note)
+        settings.update(streamed=True, peak_rss_bytes=result.peak_rss, spilled_bytes=result.spilled_bytes)
+    else:
+        prof, timed, scores, failed, methods, seconds, gptq_notes = _measure_in_memory(
+            model, batches, layers, config, cache=cache, hw_key=hw_key, report=report)
+        notes += gptq_notes
+        settings.update(streamed=False)
+    cache.add_timings(hw_key, timed.new_timings)
+
+    stats = {}
+    for name in layers:
+        lp = prof.layers[name]
+        out_features, in_features = lp.out_features, lp.in_features
+        stats[name] = LayerStats(
+            out_features=out_features, in_features=in_features, numel=out_features * in_features,
+            dtype=lp.dtype or "unknown",
+            shapes=[ShapeCount(m=m, k=k, count=c) for (m, k), c in sorted(lp.shapes.items())],
+            bits={f: formats.get(f).storage_bits(out_features, in_features) for f in scores[name]},
+            latency={f: t for f, t in timed.latency[name].items() if f in scores[name]},
+            sensitivity=scores[name], dropped={**timed.dropped[name], **failed[name]},
+            methods={f: m for f, m in methods.get(name, {}).items() if f in scores[name] and m != "rtn"})
+    return SearchStats(
+        autoq_version=hardware["autoq"], model=model_info, calibration=calibration,
+        num_batches=len(batches), hardware=hardware, formats=fmts, settings=settings,
+        stage_seconds=seconds, layers=stats, notes=notes)
+
+
+def _measure_in_memory(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], config: SearchConfig, *,
+                       cache: PlanCache, hw_key: str, report: ProgressFn | None):
     fmts = list(config.formats)
     seconds = {}
     start = time.perf_counter()
@@ -103,11 +145,9 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
     seconds[Stage.PROFILE] = time.perf_counter() - start
 
     start = time.perf_counter()
-    hw_key = bench.hardware_key(hardware)
     timed = bench.benchmark(layers, prof, fmts, timings=cache.timings(hw_key),
                             report=_stage(report, Stage.BENCHMARK),
                             quantized=gptq if config.method == "gptq" else rtn)
-    cache.add_timings(hw_key, timed.new_timings)
     seconds[Stage.BENCHMARK] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -119,27 +159,8 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
               for i, quantizer in enumerate(quantizers)]
     scores, failed, methods = _lowest_scores(quantizers, scored)
     seconds[Stage.SENSITIVITY] = time.perf_counter() - start
-
-    stats = {}
-    for name in layers:
-        lp = prof.layers[name]
-        out_features, in_features = lp.out_features, lp.in_features
-        stats[name] = LayerStats(
-            out_features=out_features, in_features=in_features, numel=out_features * in_features,
-            dtype=lp.dtype or "unknown",
-            shapes=[ShapeCount(m=m, k=k, count=c) for (m, k), c in sorted(lp.shapes.items())],
-            bits={f: formats.get(f).storage_bits(out_features, in_features) for f in scores[name]},
-            latency={f: t for f, t in timed.latency[name].items() if f in scores[name]},
-            sensitivity=scores[name], dropped={**timed.dropped[name], **failed[name]},
-            methods={f: m for f, m in methods[name].items() if f in scores[name] and m != "rtn"})
     notes = list(gptq.notes.values()) if gptq is not None else []
-    return SearchStats(
-        autoq_version=hardware["autoq"], model=model_info, calibration=calibration,
-        num_batches=len(batches), hardware=hardware, formats=fmts,
-        settings={"probes": config.probes, "seed": config.seed, "sqnr_floor_db": bench.SQNR_FLOOR_DB,
-                  "m_bucketing": "next power of two", "loss": _loss_description(config, batches),
-                  "method": config.method, "calibration_batches": len(batches)},
-        stage_seconds=seconds, layers=stats, notes=notes)
+    return prof, timed, scores, failed, methods, seconds, notes
 
 
 def _lowest_scores(quantizers: list[LayerQuantizer], scored: list[tuple[dict, dict]]):
@@ -173,9 +194,14 @@ def _solve(stats: SearchStats, budget: float, objective: str, rules: list[str],
     return solution, groups
 
 
-def search(model: nn.Module, calibration, config: SearchConfig | None = None, *,
-           progress: bool | ProgressFn = True, **settings) -> Plan:
+def search(model: nn.Module | str | os.PathLike | stream.StreamedModel, calibration,
+           config: SearchConfig | None = None, *, progress: bool | ProgressFn = True, **settings) -> Plan:
     """Find the best format per layer for this model on this hardware; the model is not changed.
+
+    ``model``: a model object (searched in memory), or a local Hugging Face model directory
+    (safetensors), which is streamed: built on the meta device and read one block at a time, so
+    a model larger than memory can be searched (see ``autoq.stream``; ``method="rtn"``, no
+    refinement).
 
     ``config`` is a :class:`autoq.SearchConfig`; its fields can also be given (or overridden) as
     keyword arguments, e.g. ``search(model, batches, effective_bits=5, objective="accuracy")``.
@@ -194,8 +220,24 @@ def search(model: nn.Module, calibration, config: SearchConfig | None = None, *,
             report.close()
 
 
-def _search(model: nn.Module, calibration, config: SearchConfig, report: ProgressFn | None) -> Plan:
+def open_streamed(model: str | os.PathLike | stream.StreamedModel, config: SearchConfig) -> stream.StreamedModel:
+    """The streamed model for a directory, refusing what a streamed search cannot do."""
+    if config.method != "rtn":
+        raise ValueError(f"method={config.method!r} needs the whole model in memory (GPTQ's Hessians and "
+                         "weights); a streamed search quantizes with method='rtn'. Load the model and pass "
+                         "the model object for GPTQ")
+    if config.refine_trials:
+        raise ValueError("refine_trials evaluates whole-model losses and needs the model in memory; pass the "
+                         "model object, or refine_trials=0 for a streamed search")
+    return model if isinstance(model, stream.StreamedModel) else stream.StreamedModel(model)
+
+
+def _search(model, calibration, config: SearchConfig, report: ProgressFn | None) -> Plan:
     batches = as_batches(calibration)
+    streamed = None
+    if isinstance(model, str | os.PathLike | stream.StreamedModel):
+        streamed = open_streamed(model, config)
+        model = streamed.model
     layers = quantizable_layers(model, exclude=config.exclude)
     if not layers:
         raise ValueError("the model has no quantizable layers (nn.Linear or GPT-2 Conv1D) left to search"
@@ -207,10 +249,11 @@ def _search(model: nn.Module, calibration, config: SearchConfig, report: Progres
         n_hold = max(1, len(batches) // 4)
         batches, holdout = batches[:-n_hold], batches[-n_hold:]
 
-    device = profile.model_device(model)
+    device = streamed.device if streamed is not None else profile.model_device(model)
     hardware = bench.hardware_info(device)
     shapes = {name: layer_shape(m) for name, m in layers.items()}
-    model_info = ModelInfo(architecture=type(model).__name__, fingerprint=model_fingerprint(model, shapes))
+    fingerprint_ = streamed.fingerprint(shapes) if streamed is not None else model_fingerprint(model, shapes)
+    model_info = ModelInfo(architecture=type(model).__name__, fingerprint=fingerprint_)
     calibration_fp = fingerprint(batches + holdout)
     cache = PlanCache(config.cache_dir)
     stats_key = make_key("stats", model_info.fingerprint, calibration_fp, len(holdout), *config.stats_identity(),
@@ -228,7 +271,7 @@ def _search(model: nn.Module, calibration, config: SearchConfig, report: Progres
     stats = cache.get_stats(stats_key)
     if stats is None:
         stats = _measure(model, batches, layers, config, cache=cache, hardware=hardware, model_info=model_info,
-                         calibration=calibration_fp, report=report)
+                         calibration=calibration_fp, report=report, streamed=streamed)
         cache.put_stats(stats_key, stats)
 
     start = time.perf_counter()

@@ -45,7 +45,7 @@ from autoq import formats as formats_registry
 from autoq.formats import UNQUANTIZED
 from autoq.kernels import default_backend, requested_backend
 from autoq.primitives import sqnr_db
-from autoq.profile import Profile
+from autoq.profile import LayerProfile, Profile
 from autoq.swap import QuantizedMemo, float_weight, quantized_copy
 
 Report = Callable[[float, str], None]
@@ -217,7 +217,7 @@ def benchmark(
     fmts = list(dict.fromkeys([UNQUANTIZED, *fmts]))
     dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
     valid: dict[str, list[str]] = {}
-    jobs: dict[tuple[int, int, int, str], dict] = {}  # (N, K, M, dtype) -> formats and a weight
+    jobs: dict[tuple[int, int, int, str], ShapeJob] = {}
     for i, (name, module) in enumerate(layers.items()):
         sample = prof.samples.get(name)
         for fmt in fmts:
@@ -225,32 +225,60 @@ def benchmark(
             if reason:
                 dropped[name][fmt] = reason
         valid[name] = [f for f in fmts if f not in dropped[name]]
-        layer_prof = prof.layers[name]
-        n = layer_prof.out_features
-        for (m, k), _count in layer_prof.shapes.items():
-            job = jobs.setdefault((n, k, bucket_m(m), layer_prof.dtype), {"formats": set(), "module": module,
-                                                                            "name": name})
-            job["formats"].update(valid[name])
+        add_shape_jobs(jobs, prof.layers[name], module, name, valid[name])
         if report is not None:
             report(0.5 * (i + 1) / len(layers), f"checked {name}")
 
-    # Build a module and an input for every (shape, format) not in the table yet, then time them
-    # all together in interleaved rounds.
+    def timing_report(fraction: float, message: str) -> None:
+        if report is not None:
+            report(0.5 + 0.5 * fraction, message)
+
+    new, failed = time_shapes(jobs, table, report=timing_report, quantized=quantized)
+    table.update(new)
+    latency = layer_latency(prof, valid, table, failed, dropped)
+    if report is not None:
+        report(1.0, f"{len(jobs)} shapes, {len(new)} timings measured")
+    return BenchResult(latency, dropped, new)
+
+
+@dataclass
+class ShapeJob:
+    """One (N, K, M bucket, dtype) to time: the formats wanted there and a layer of that shape
+    whose weights the timed modules are built from."""
+
+    module: nn.Module
+    name: str
+    formats: set[str]
+
+
+def add_shape_jobs(jobs: dict[tuple[int, int, int, str], ShapeJob], layer_prof: LayerProfile,
+                   module: nn.Module, name: str, fmts: Sequence[str]) -> None:
+    """Add ``fmts`` at every bucketed shape ``layer_prof`` recorded (the first layer of a shape
+    provides the weights)."""
+    for (m, k), _count in layer_prof.shapes.items():
+        key = (layer_prof.out_features, k, bucket_m(m), layer_prof.dtype)
+        jobs.setdefault(key, ShapeJob(module, name, set())).formats.update(fmts)
+
+
+def time_shapes(jobs: dict[tuple[int, int, int, str], ShapeJob], table: dict[str, float], *,
+                report: Report | None = None, quantized: QuantizedMemo | None = None
+                ) -> tuple[dict[str, float], dict[tuple[int, int, int, str, str], str]]:
+    """Time every (shape, format) of ``jobs`` not in ``table`` yet, all together in interleaved
+    rounds: ``(new timing-table entries, {(N, K, M, dtype, format): why it could not be timed})``."""
     failed: dict[tuple[int, int, int, str, str], str] = {}
     calls: dict[str, tuple[Callable, torch.Tensor]] = {}
     for (n, k, m, dtype), job in jobs.items():
-        todo = [f for f in sorted(job["formats"]) if timing_key(f, n, k, m, dtype) not in table]
+        todo = [f for f in sorted(job.formats) if timing_key(f, n, k, m, dtype) not in table]
         if not todo:
             continue
-        module = job["module"]
-        weight = float_weight(module).detach()
+        weight = float_weight(job.module).detach()
         x = torch.randn(m, k, device=weight.device).to(getattr(torch, dtype))
         for fmt in todo:
             try:
                 if fmt == UNQUANTIZED:
-                    fn = _float_linear(weight, module.bias, x.dtype)
+                    fn = _float_linear(weight, job.module.bias, x.dtype)
                 else:
-                    fn = quantized_copy(module, fmt, job["name"], quantized)
+                    fn = quantized_copy(job.module, fmt, job.name, quantized)
                 with torch.no_grad():
                     fn(x)  # a kernel that fails on this shape is isolated here
             except Exception as err:
@@ -258,21 +286,21 @@ def benchmark(
                 continue
             calls[timing_key(fmt, n, k, m, dtype)] = (fn, x)
     if report is not None:
-        report(0.5, f"timing {len(calls)} (format, shape) pairs, {len(jobs)} shapes")
+        report(0.0, f"timing {len(calls)} (format, shape) pairs, {len(jobs)} shapes")
+    return time_calls(calls, report=report), failed
 
-    def timing_report(fraction: float, message: str) -> None:
-        if report is not None:
-            report(0.5 + 0.5 * fraction, message)
 
-    new = time_calls(calls, report=timing_report)
-    table.update(new)
-
+def layer_latency(prof: Profile, valid: dict[str, list[str]], table: dict[str, float],
+                  failed: dict[tuple[int, int, int, str, str], str], dropped: dict[str, dict[str, str]]
+                  ) -> dict[str, dict[str, float]]:
+    """Each layer's seconds per calibration batch for each of its valid formats, from the timing
+    table; a format whose timing failed on one of the layer's shapes is dropped (into ``dropped``)."""
     latency: dict[str, dict[str, float]] = {}
-    for name in layers:
+    for name, fmts in valid.items():
         layer_prof = prof.layers[name]
         n = layer_prof.out_features
         latency[name] = {}
-        for fmt in valid[name]:
+        for fmt in fmts:
             total = 0.0
             for (m, k), count in layer_prof.shapes.items():
                 key = (n, k, bucket_m(m), layer_prof.dtype, fmt)
@@ -282,9 +310,7 @@ def benchmark(
                 total += count * table[timing_key(fmt, *key[:4])]
             else:
                 latency[name][fmt] = total / max(prof.num_batches, 1)
-    if report is not None:
-        report(1.0, f"{len(jobs)} shapes, {len(new)} timings measured")
-    return BenchResult(latency, dropped, new)
+    return latency
 
 
 def forward_seconds(models: dict[str, nn.Module], batch, rounds: int = 5,

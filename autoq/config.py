@@ -117,6 +117,9 @@ class SearchConfig:
     the calibration activations; needs the calibration again to ``apply`` a plan) or ``"auto"``
     (each layer and format takes whichever of the two scores lower).
     ``cache_dir``: where plans, statistics and timings are cached (not part of any key).
+    ``max_memory`` (bytes, default 1 GiB) and ``spill_dir`` (default: the system's temporary
+    directory): for a streamed search, how many bytes of activations and gradients are kept in
+    memory between blocks, and where the rest is spilled (neither changes a result).
     """
 
     effective_bits: float | None = solve.DEFAULT_BUDGET
@@ -130,6 +133,8 @@ class SearchConfig:
     seed: int = 0
     method: str = "rtn"
     cache_dir: str | None = field(default=None, compare=False)
+    max_memory: int = field(default=1 << 30, compare=False)
+    spill_dir: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         budget = solve.DEFAULT_BUDGET if self.effective_bits is None else self.effective_bits
@@ -155,6 +160,10 @@ class SearchConfig:
             raise TypeError(f"loss_fn must be callable loss_fn(model, batch), got {type(self.loss_fn).__name__}")
         if self.cache_dir is not None:
             set_("cache_dir", str(self.cache_dir))
+        if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int) or self.max_memory < 0:
+            raise ValueError(f"max_memory must be a number of bytes (>= 0), got {self.max_memory!r}")
+        if self.spill_dir is not None:
+            set_("spill_dir", str(self.spill_dir))
 
     @classmethod
     def build(cls, config: SearchConfig | None = None, **settings) -> SearchConfig:

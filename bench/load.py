@@ -83,7 +83,7 @@ class Load:
     def running(self) -> bool:
         return time.monotonic() < self.stop_at
 
-    def submit(self, client: httpx.Client) -> None:
+    def submit(self, client: httpx.Client) -> bool:
         n = self.submitted
         body = {"model": "bundled:minilm", "effective_bits": (6, 5, 4.5, 7)[n % 4],
                 "calibration": {"texts": [*TEXTS, f"Load test sentence number {n}, unique."]}}
@@ -94,14 +94,15 @@ class Load:
             with self.lock:
                 self.live.append(response.json()["id"])
                 self.submitted += 1
+        return response.status_code == 202  # 429 (queue or client quota): try again next round
 
     def keeper(self) -> None:
         """Keep ``--jobs`` jobs queued or running; count how each one ended."""
         with httpx.Client(base_url=self.server.url, timeout=60) as client:
             while self.running():
                 try:
-                    while len(self.live) < self.args.jobs:
-                        self.submit(client)
+                    while len(self.live) < self.args.jobs and self.submit(client):
+                        pass
                     listed = client.get("/v1/jobs", params={"limit": 100})
                     self.record("GET /v1/jobs (keeper)", listed.status_code)
                     if listed.status_code == 200:

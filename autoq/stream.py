@@ -1,0 +1,693 @@
+"""Streamed models: search, quantize and export a Hugging Face checkpoint one block at a time.
+
+A model directory is opened as a :class:`StreamedModel`: the architecture is built on the meta
+device (no memory) and the weights stay in the safetensors files, read (memory-mapped, the
+mapping closed right after) into the unit being processed and released after it. The model is
+cut into units run in order:
+
+- ``entry``: everything before the first repeated block (embeddings, rotary tables). It runs as
+  the whole model up to the first block, whose call is caught: the block's input and the
+  arguments the model passes it (attention mask, position embeddings) are kept per batch.
+- the **blocks**: each element of the model's repeated ``ModuleList`` (decoder or encoder
+  layers), called with the caught arguments.
+- ``exit``: everything after the last block (final norm, head, the loss). It runs as the whole
+  model with every block answering with the last block's recorded output.
+
+Entry and exit are materialised together (the parameters outside the blocks); a block alone
+otherwise. Peak memory is therefore about the larger of one block and the non-block weights, plus
+the activations kept between units: one hidden state per block boundary and calibration batch
+(and, while scoring, one gradient per probe), held in memory up to ``max_memory`` bytes and
+spilled to files beyond that.
+
+The stages, block-wise:
+
+- forward (profile): each block runs every calibration batch once; its layers' input shapes are
+  recorded and the first layer of each distinct shape keeps a copy of its weights for timing;
+- benchmark: each distinct (format, N, K, M bucket, dtype) is timed once (a Llama has 7 layer
+  shapes whatever its depth), on those weights;
+- sensitivity: the probes' (or the loss's) gradient enters at the exit and is carried back block
+  by block (a vector-Jacobian product through the recomputed block), so only one block's graph
+  exists at a time; each block's layers are checked (output SQNR on their real inputs) and scored
+  for every candidate format right there, with the quantized modules freed with the block. This
+  is the quantity the in-memory path computes (``autoq.sensitivity``), with the same probes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from autoq import bench
+from autoq.calibration import Batch, run_batch, to_device
+from autoq.formats import UNQUANTIZED
+from autoq.profile import LayerProfile, Profile
+from autoq.sensitivity import _layer_format_score, model_loss, output_mask, output_tensor
+from autoq.swap import LayerQuantizer, float_weight, is_quantizable, layer_shape, quantizable_layers
+
+Report = Callable[[float, str], None]
+
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes of activations and gradients kept in memory before spilling
+SAMPLE_ROWS = 256  # rows of a layer's real input its formats are checked on (as in autoq.profile)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+class _Caught(Exception):
+    """Raised by the first block's stand-in once it has recorded its inputs."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the largest ``ModuleList`` of modules of one class that hold
+    quantizable layers (``model.layers``, ``transformer.h``, ``encoder.layer``)."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(is_quantizable(m) for m in module.modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[2]:
+            best = (name, module, size)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks (a ModuleList of layers holding "
+                         "Linear layers), so it cannot be streamed; load it and pass the model object")
+    return best[0], best[1]
+
+
+class StreamedModel:
+    """A Hugging Face model directory whose weights are read unit by unit (see the module doc).
+
+    ``model`` is the architecture on the meta device (non-persistent buffers such as rotary
+    tables are real: they are small and computed, not stored). ``device``: where units run.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None):
+        import transformers
+
+        from autoq.checkpoint.compressed_tensors import _restore_non_persistent_buffers
+        from autoq.models import resolve_model_dir
+
+        self.path = resolve_model_dir(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        config = transformers.AutoConfig.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
+        if hasattr(config, "use_cache"):
+            config.use_cache = False  # a cache would carry keys from one block call to the next
+        architecture = (getattr(config, "architectures", None) or [None])[0]
+        model_cls = getattr(transformers, architecture, None) if architecture else None
+        if model_cls is None:
+            raise ValueError(f"{self.path}/config.json names no architecture transformers has "
+                             f"({architecture!r}); load the model and pass the model object")
+        with torch.device("meta"):
+            self.model = model_cls(config).eval()
+        self.architecture = architecture
+        self.files = self._weight_files()
+        self.tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})  # target -> source
+        self._check_complete()
+        _restore_non_persistent_buffers(self.model, {}, "cpu")
+        if self.device.type != "cpu":
+            for module in self.model.modules():
+                for key, buf in module._buffers.items():
+                    if buf is not None and buf.device.type == "cpu":
+                        module._buffers[key] = buf.to(self.device)
+        self.blocks_name, self.blocks = find_blocks(self.model)
+        self.block_names = [f"{self.blocks_name}.{i}" for i in range(len(self.blocks))]
+        block_ids = {id(b) for b in self.blocks}
+        self.outer = [(n, m) for n, m in self.model.named_children() if id(m) not in block_ids]
+
+    # ------------------------------------------------------------------ weights on disk
+
+    def _weight_files(self) -> dict[str, Path]:
+        from autoq.models import INDEX_FILE
+
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {key: self.path / file for key, file in weight_map.items()}
+        files: dict[str, Path] = {}
+        for file in sorted(self.path.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                files.update(dict.fromkeys(f.keys(), file))
+        return files
+
+    def _source_key(self, key: str) -> str | None:
+        if key in self.files:
+            return key
+        source = self.tied.get(key)
+        if source in self.files:
+            return source
+        prefix = getattr(self.model, "base_model_prefix", "")
+        if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in self.files:
+            return key[len(prefix) + 1:]
+        return None
+
+    def _check_complete(self) -> None:
+        missing = [k for k in self.model.state_dict() if self._source_key(k) is None and k not in self.tied]
+        if missing:
+            raise ValueError(f"{self.path}: the checkpoint lacks {len(missing)} weight(s) the config needs "
+                             f"({', '.join(missing[:5])}); refusing to random-initialise them")
+
+    def nbytes(self) -> int:
+        """Bytes of the weights on disk."""
+        return sum(f.stat().st_size for f in set(self.files.values()))
+
+    def fingerprint(self, layer_shapes: dict[str, tuple[int, int]]) -> str:
+        """Architecture, layer names and shapes, and every byte of the weight files (read in
+        chunks, never all in memory)."""
+        import hashlib
+
+        h = hashlib.sha256(f"streamed|{self.architecture}".encode())
+        h.update(json.dumps(sorted((n, list(s)) for n, s in layer_shapes.items())).encode())
+        for file in sorted(set(self.files.values())):
+            h.update(file.name.encode())
+            with open(file, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+        return h.hexdigest()[:24]
+
+    # ------------------------------------------------------------------ materialising units
+
+    def _entries(self, module: nn.Module, prefix: str):
+        """``(full key, owner, attribute, is_parameter)`` for the stored tensors of ``module``."""
+        persistent = set(module.state_dict(prefix=prefix + "." if prefix else ""))
+        for name, sub in module.named_modules(prefix=prefix, remove_duplicate=False):
+            for attr, p in sub._parameters.items():
+                if p is not None:
+                    yield (f"{name}.{attr}" if name else attr), sub, attr, True
+            for attr, b in sub._buffers.items():
+                key = f"{name}.{attr}" if name else attr
+                if b is not None and key in persistent:
+                    yield key, sub, attr, False
+
+    def materialize(self, parts: Sequence[tuple[str, nn.Module]]) -> None:
+        """Read the weights of ``parts`` (``(prefix, module)``) onto the device."""
+        wanted: dict[Path, list] = {}
+        seen: dict[int, list] = {}
+        for prefix, module in parts:
+            for key, owner, attr, is_param in self._entries(module, prefix):
+                tensor = owner._parameters[attr] if is_param else owner._buffers[attr]
+                if tensor.device.type != "meta":
+                    continue
+                if id(tensor) in seen:  # a tied weight: the same tensor under another name
+                    seen[id(tensor)].append((owner, attr, is_param))
+                    continue
+                source = self._source_key(key)
+                if source is None:
+                    source = self._source_key(self.tied.get(key, key))
+                if source is None:
+                    raise ValueError(f"{self.path}: no stored tensor for {key}")
+                seen[id(tensor)] = [(owner, attr, is_param)]
+                wanted.setdefault(self.files[source], []).append((source, seen[id(tensor)]))
+        for file, items in wanted.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for source, places in items:
+                    value = f.get_tensor(source).to(self.device)
+                    for owner, attr, is_param in places:
+                        if is_param:
+                            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+                        else:
+                            owner._buffers[attr] = value
+
+    def release(self, parts: Sequence[tuple[str, nn.Module]]) -> None:
+        """Put the weights of ``parts`` back on the meta device (tied weights stay tied)."""
+        meta: dict[int, torch.Tensor] = {}
+        for prefix, module in parts:
+            for _key, owner, attr, is_param in self._entries(module, prefix):
+                tensor = owner._parameters[attr] if is_param else owner._buffers[attr]
+                if id(tensor) not in meta:
+                    empty = torch.empty_like(tensor, device="meta")
+                    meta[id(tensor)] = nn.Parameter(empty, requires_grad=False) if is_param else empty
+                if is_param:
+                    owner._parameters[attr] = meta[id(tensor)]
+                else:
+                    owner._buffers[attr] = meta[id(tensor)]
+
+    @contextmanager
+    def loaded(self, parts: Sequence[tuple[str, nn.Module]]) -> Iterator[None]:
+        self.materialize(parts)
+        try:
+            yield
+        finally:
+            self.release(parts)
+
+    def block_part(self, i: int) -> list[tuple[str, nn.Module]]:
+        return [(self.block_names[i], self.blocks[i])]
+
+
+# --------------------------------------------------------------------------- activations
+
+
+class TensorStore:
+    """Tensors by key, in memory up to ``max_memory`` bytes, in files under ``directory`` beyond."""
+
+    def __init__(self, max_memory: int = DEFAULT_MAX_MEMORY, directory: str | os.PathLike | None = None):
+        self.max_memory = max_memory
+        self.memory: dict = {}
+        self.in_memory = 0
+        self.spilled: dict = {}
+        self.spilled_bytes = 0
+        self.peak = 0
+        self._parent = directory
+        self._dir: Path | None = None
+
+    def put(self, key, tensor: torch.Tensor) -> None:
+        self.pop(key)
+        tensor = tensor.detach()
+        size = tensor.numel() * tensor.element_size()
+        if self.in_memory + size <= self.max_memory:
+            self.memory[key] = tensor
+            self.in_memory += size
+            self.peak = max(self.peak, self.in_memory)
+            return
+        if self._dir is None:
+            if self._parent is not None:
+                Path(self._parent).mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="autoq-spill-", dir=self._parent))
+        file = self._dir / f"{len(self.spilled)}-{abs(hash(key))}.safetensors"
+        save_file({"t": tensor.contiguous().cpu()}, file)
+        self.spilled[key] = (file, tensor.device, size)
+        self.spilled_bytes += size
+
+    def get(self, key) -> torch.Tensor:
+        if key in self.memory:
+            return self.memory[key]
+        file, device, _ = self.spilled[key]
+        return load_file(file)["t"].to(device)
+
+    def pop(self, key) -> None:
+        if key in self.memory:
+            t = self.memory.pop(key)
+            self.in_memory -= t.numel() * t.element_size()
+        elif key in self.spilled:
+            file, _, _ = self.spilled.pop(key)
+            file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.memory.clear()
+        self.in_memory = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self.spilled.clear()
+
+
+# --------------------------------------------------------------------------- running units
+
+
+@dataclass
+class _BlockCall:
+    """How the model calls its blocks on one batch: the arguments besides the hidden state."""
+
+    args: tuple
+    kwargs: dict
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@contextmanager
+def _forward_replaced(modules: Sequence[nn.Module], forward: Callable) -> Iterator[None]:
+    """Every module of ``modules`` answers with ``forward(*args, **kwargs)`` instead of its own
+    (an instance attribute, so the module keeps its other attributes, e.g. ``attention_type``)."""
+    for m in modules:
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+@contextmanager
+def _recording(layers: Mapping[str, nn.Module], calls: list, *, grad: bool) -> Iterator[None]:
+    """Record ``(name, input, output)`` of every call of ``layers``; with ``grad`` the outputs
+    are made part of the graph so their gradients can be asked for."""
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            if grad and not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            calls.append((name, args[0].detach(), output))
+            return output
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class StreamedStats:
+    """What the block-wise stages measured (the in-memory stages' results, plus how it ran)."""
+
+    profile: Profile
+    bench: bench.BenchResult
+    scores: dict[str, dict[str, float]]
+    dropped: dict[str, dict[str, str]]
+    seconds: dict[str, float]
+    note: str
+    peak_rss: int = 0
+    spilled_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Search:
+    """One streamed search's state: the batches, the caught block arguments, the activations."""
+
+    def __init__(self, sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Module],
+                 store: TensorStore):
+        self.sm = sm
+        self.batches = [to_device(b, sm.device) for b in batches]
+        self.layers = layers
+        self.store = store
+        self.calls: list[_BlockCall] = []
+        self.block_layers = []
+        for name in sm.block_names:
+            self.block_layers.append({n: m for n, m in layers.items() if n.startswith(name + ".")})
+        in_blocks = {n for bl in self.block_layers for n in bl}
+        self.outer_layers = {n: m for n, m in layers.items() if n not in in_blocks}
+        self.entry_layers: dict[str, nn.Module] = {}
+        self.exit_layers: dict[str, nn.Module] = {}
+        self.output_tail: tuple | None = None  # the blocks' extra outputs when they return tuples
+
+    # ---------------------------------------------------------------- forward, profile
+
+    def _catch(self, batch: Batch) -> tuple[torch.Tensor, _BlockCall]:
+        record: dict = {}
+
+        def catcher(*args, **kwargs):
+            record["args"], record["kwargs"] = args, kwargs
+            raise _Caught
+
+        with _forward_replaced([self.sm.blocks[0]], catcher):
+            try:
+                run_batch(self.sm.model, batch)
+            except _Caught:
+                pass
+        if not record:
+            raise RuntimeError(f"{type(self.sm.model).__name__} never called its first block "
+                               f"({self.sm.block_names[0]}); it cannot be streamed")
+        args, kwargs = record["args"], dict(record["kwargs"])
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        return hidden, _BlockCall(rest, kwargs)
+
+    def _block_output(self, hidden: torch.Tensor):
+        return hidden if self.output_tail is None else (hidden, *self.output_tail)
+
+    def run_block(self, i: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
+        call = self.calls[b]
+        output = self.sm.blocks[i](hidden, *call.args, **call.kwargs)
+        if i == len(self.sm.blocks) - 1 and not isinstance(output, torch.Tensor):
+            self.output_tail = tuple(None for _ in output[1:])
+        return _hidden_of(output)
+
+    def run_exit(self, b: int, hidden: torch.Tensor):
+        """The model's output on batch ``b`` with ``hidden`` as the last block's output."""
+        replay = self._block_output(hidden)
+        with _forward_replaced(list(self.sm.blocks), lambda *args, **kwargs: replay):
+            return run_batch(self.sm.model, self.batches[b])
+
+    def forward(self, profile: Profile, shape_weights: dict, report: Report | None) -> None:
+        """Every batch through every unit; shapes recorded, block inputs kept in the store."""
+        sm, n_units = self.sm, len(self.sm.blocks) + 2
+
+        def record(calls: list) -> None:
+            for name, x, _y in calls:
+                entry = profile.layers[name]
+                m = x.numel() // x.shape[-1] if x.dim() > 0 and x.shape[-1] else 0
+                key = (int(m), int(x.shape[-1]))
+                entry.shapes[key] = entry.shapes.get(key, 0) + 1
+                entry.dtype = str(x.dtype).removeprefix("torch.")
+                module = self.layers[name]
+                shape = (*layer_shape(module), entry.dtype, module.bias is not None)
+                if shape not in shape_weights:  # keep a copy of one layer per shape for timing
+                    shape_weights[shape] = (name, _weights_copy(module))
+
+        with torch.no_grad(), sm.loaded(sm.outer):
+            for b, batch in enumerate(self.batches):
+                calls: list = []
+                with _recording(self.outer_layers, calls, grad=False):
+                    hidden, call = self._catch(batch)
+                self.entry_layers.update({n: self.layers[n] for n, _, _ in calls})
+                record(calls)
+                self.calls.append(call)
+                self.store.put(("h", 0, b), hidden)
+        if report is not None:
+            report(1 / n_units, "entry")
+        for i in range(len(sm.blocks)):
+            with torch.no_grad(), sm.loaded(sm.block_part(i)):
+                for b in range(len(self.batches)):
+                    calls = []
+                    with _recording(self.block_layers[i], calls, grad=False):
+                        out = self.run_block(i, b, self.store.get(("h", i, b)))
+                    record(calls)
+                    self.store.put(("h", i + 1, b), out)
+            if report is not None:
+                report((i + 2) / n_units, f"block {i + 1}/{len(sm.blocks)}")
+        self.exit_layers = {n: m for n, m in self.outer_layers.items() if n not in self.entry_layers}
+        last = len(sm.blocks)
+        with torch.no_grad(), sm.loaded(sm.outer):
+            for b in range(len(self.batches)):
+                calls = []
+                with _recording(self.exit_layers, calls, grad=False):
+                    self.run_exit(b, self.store.get(("h", last, b)))
+                record(calls)
+        if report is not None:
+            report(1.0, f"{len(self.batches)} batches through {len(sm.blocks)} blocks")
+
+    # ---------------------------------------------------------------- backward, sensitivity
+
+    def score_unit(self, unit_layers: dict[str, nn.Module], calls_and_grads, candidates, scores, dropped,
+                   quantizer: LayerQuantizer, sqnr_floor: float) -> None:
+        """Check (first batch) and score the unit's layers for every candidate format."""
+        checked = False
+        for calls, grads, batch_size in calls_and_grads:
+            if not checked:
+                checked = True
+                for name, module in unit_layers.items():
+                    first = next((x for n, x, _ in calls if n == name), None)
+                    sample = None if first is None else first.reshape(-1, first.shape[-1])[:SAMPLE_ROWS]
+                    for fmt in candidates[name]:
+                        reason = bench.check_layer(module, fmt, sample, sqnr_floor, name=name, quantized=quantizer)
+                        if reason:
+                            dropped[name][fmt] = reason
+            for name, module in unit_layers.items():
+                mine = [j for j, call in enumerate(calls) if call[0] == name]
+                for fmt in candidates[name]:
+                    if fmt == UNQUANTIZED or fmt in dropped[name]:
+                        continue
+                    try:
+                        s = _layer_format_score(quantizer.get(module, fmt, name), calls, mine, grads, batch_size)
+                    except Exception as err:  # a kernel failing on these inputs drops the format
+                        dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
+                        continue
+                    if not math.isfinite(s):
+                        dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
+                        continue
+                    scores[name][fmt] += s
+
+    def backward(self, candidates, scores, dropped, *, loss_fn, probes: int, seed: int, sqnr_floor: float,
+                 report: Report | None) -> None:
+        sm, store = self.sm, self.store
+        generator = torch.Generator(device=sm.device).manual_seed(seed)
+        n_units, last = len(sm.blocks) + 2, len(sm.blocks)
+        batch_size_of: dict[int, int] = {}
+
+        # exit: the loss or the probes give the gradient at the last block's output
+        def exit_pass():
+            for b, batch in enumerate(self.batches):
+                calls: list = []
+                hidden = store.get(("h", last, b)).detach().requires_grad_(True)
+                with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True):
+                    output = self.run_exit(b, hidden)
+                    tensors = [hidden] + [y for _, _, y in calls]
+                    loss = model_loss(output, batch, loss_fn)
+                    if loss is not None:
+                        grads = [torch.autograd.grad(loss, tensors, allow_unused=True)]
+                        batch_size = 0
+                    else:
+                        out = output_tensor(output)
+                        mask = output_mask(out, batch)
+                        batch_size = out.shape[0] if out.dim() >= 2 else 1
+                        grads = []
+                        for p in range(probes):
+                            r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+                            if mask is not None:
+                                r = r * mask
+                            grads.append(torch.autograd.grad((r * out).sum(), tensors, allow_unused=True,
+                                                             retain_graph=p < probes - 1))
+                batch_size_of[b] = batch_size
+                self._keep_grads(last, b, hidden, grads)
+                yield [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
+
+        with sm.loaded(sm.outer):
+            self.score_unit(self.exit_layers, exit_pass(), candidates, scores, dropped, LayerQuantizer(), sqnr_floor)
+        if report is not None:
+            report(1 / n_units, "exit")
+
+        for i in reversed(range(len(sm.blocks))):
+            def block_pass(i=i):
+                for b in range(len(self.batches)):
+                    calls: list = []
+                    hidden = store.get(("h", i, b)).detach().requires_grad_(True)
+                    with torch.enable_grad(), _recording(self.block_layers[i], calls, grad=True):
+                        out = self.run_block(i, b, hidden)
+                        tensors = [hidden] + [y for _, _, y in calls]
+                        seeds = self._grads_at(i + 1, b)
+                        grads = [torch.autograd.grad(out, tensors, grad_outputs=g, allow_unused=True,
+                                                     retain_graph=p < len(seeds) - 1)
+                                 for p, g in enumerate(seeds)]
+                    store.pop(("g", i + 1, b))
+                    self._keep_grads(i, b, hidden, grads)
+                    yield [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size_of[b]
+
+            with sm.loaded(sm.block_part(i)):
+                self.score_unit(self.block_layers[i], block_pass(), candidates, scores, dropped, LayerQuantizer(),
+                                sqnr_floor)
+            if report is not None:
+                report((n_units - 1 - i) / n_units, f"block {i + 1}/{len(sm.blocks)}")
+
+        if self.entry_layers:  # quantizable layers before the first block: back through the entry
+            def entry_pass():
+                for b, batch in enumerate(self.batches):
+                    calls: list = []
+                    with torch.enable_grad(), _recording(self.entry_layers, calls, grad=True):
+                        hidden, _ = self._catch(batch)
+                        tensors = [y for _, _, y in calls]
+                        seeds = self._grads_at(0, b)
+                        grads = [torch.autograd.grad(hidden, tensors, grad_outputs=g, allow_unused=True,
+                                                     retain_graph=p < len(seeds) - 1)
+                                 for p, g in enumerate(seeds)]
+                    yield [(n, x, y.detach()) for n, x, y in calls], grads, batch_size_of[b]
+
+            with sm.loaded(sm.outer):
+                self.score_unit(self.entry_layers, entry_pass(), candidates, scores, dropped, LayerQuantizer(),
+                                sqnr_floor)
+        for b in range(len(self.batches)):
+            store.pop(("g", 0, b))
+        if report is not None:
+            report(1.0, f"{len(self.layers)} layers scored")
+
+    def _keep_grads(self, boundary: int, b: int, hidden: torch.Tensor, grads: list) -> None:
+        stacked = [g[0] if g[0] is not None else torch.zeros_like(hidden) for g in grads]
+        self.store.put(("g", boundary, b), torch.stack(stacked))
+        if boundary < len(self.sm.blocks):
+            self.store.pop(("h", boundary + 1, b))  # no longer needed once its gradient is known
+
+    def _grads_at(self, boundary: int, b: int) -> list[torch.Tensor]:
+        return list(self.store.get(("g", boundary, b)).unbind(0))
+
+
+def _weights_copy(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` holding a copy of ``module``'s weight (``[out, in]``) and bias."""
+    weight = float_weight(module).detach().clone()
+    holder = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+    holder.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        holder.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return holder
+
+
+def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Module], fmts: Sequence[str], *,
+            timings: dict[str, float], loss_fn=None, probes: int, seed: int,
+            max_memory: int = DEFAULT_MAX_MEMORY, spill_dir: str | None = None,
+            report: Callable[[str, float, str], None] | None = None,
+            sqnr_floor: float = bench.SQNR_FLOOR_DB) -> StreamedStats:
+    """Profile, benchmark and score ``layers`` of a streamed model, block by block."""
+    from autoq.stages import Stage
+
+    def stage(name: Stage) -> Report | None:
+        return None if report is None else (lambda fraction, message: report(name, fraction, message))
+
+    fmts = list(dict.fromkeys([UNQUANTIZED, *fmts]))
+    store = TensorStore(max_memory, spill_dir)
+    run = _Search(sm, batches, layers, store)
+    seconds: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        prof = Profile({name: LayerProfile(*layer_shape(m)) for name, m in layers.items()}, len(batches), {})
+        shape_weights: dict[tuple, tuple[str, nn.Linear]] = {}
+        run.forward(prof, shape_weights, stage(Stage.PROFILE))
+        seconds[Stage.PROFILE] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        from autoq import formats as formats_registry
+
+        jobs: dict = {}
+        for name, module in layers.items():  # every layer's shapes, timed on its shape's copy
+            entry = prof.layers[name]
+            if not entry.shapes:
+                continue
+            holder_name, holder = shape_weights[(*layer_shape(module), entry.dtype, module.bias is not None)]
+            usable = [f for f in fmts if not (formats_registry.get(f).unsupported_reason(sm.device)
+                                              or formats_registry.get(f).check(*layer_shape(module)))]
+            bench.add_shape_jobs(jobs, entry, holder, holder_name, usable)
+        table = dict(timings)
+        new, failed = bench.time_shapes(jobs, table, report=stage(Stage.BENCHMARK))
+        table.update(new)
+        del shape_weights, jobs
+        seconds[Stage.BENCHMARK] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        candidates = {name: list(fmts) for name in layers}
+        scores = {name: {fmt: 0.0 for fmt in fmts} for name in layers}
+        dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
+        for name, module in layers.items():  # shape and device refusals, before any work
+            for fmt in fmts:
+                f = formats_registry.get(fmt)
+                reason = None if fmt == UNQUANTIZED else (f.unsupported_reason(sm.device)
+                                                          or f.check(*layer_shape(module)))
+                if reason:
+                    dropped[name][fmt] = reason
+        run.backward(candidates, scores, dropped, loss_fn=loss_fn, probes=probes, seed=seed, sqnr_floor=sqnr_floor,
+                     report=stage(Stage.SENSITIVITY))
+        seconds[Stage.SENSITIVITY] = time.perf_counter() - start
+    finally:
+        spilled = store.spilled_bytes
+        held = store.peak
+        store.close()
+    valid = {name: [f for f in fmts if f not in dropped[name]] for name in layers}
+    latency = bench.layer_latency(prof, valid, table, failed, dropped)
+    for name in layers:
+        for fmt in list(scores[name]):
+            if fmt in dropped[name]:
+                scores[name].pop(fmt)
+    peak = peak_rss_bytes()
+    note = (f"streamed from {sm.path.name} block by block on {sm.device}: {len(sm.blocks)} blocks, "
+            f"{sm.nbytes() / 2**20:.0f} MiB of weights on disk, activations held {held / 2**20:.0f} MiB"
+            + (f", {spilled / 2**20:.0f} MiB spilled to disk" if spilled else "")
+            + f", peak RSS {peak / 2**20:.0f} MiB")
+    return StreamedStats(prof, bench.BenchResult(latency, dropped, new), scores, dropped, seconds, note,
+                         peak_rss=peak, spilled_bytes=spilled)
+
+
+def streamed_layers(sm: StreamedModel, exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
+    return quantizable_layers(sm.model, exclude=exclude)
