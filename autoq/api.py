@@ -104,12 +104,12 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
         prof, timed, scores, failed, methods, seconds = (result.profile, result.bench, result.scores,
                                                          result.dropped, {}, result.seconds)
         notes.append(result.note)
-        settings.update(streamed=True, peak_rss_bytes=result.peak_rss, spilled_bytes=result.spilled_bytes)
+        settings.update(mode="streamed", peak_rss_bytes=result.peak_rss, spilled_bytes=result.spilled_bytes)
     else:
         prof, timed, scores, failed, methods, seconds, gptq_notes = _measure_in_memory(
             model, batches, layers, config, cache=cache, hw_key=hw_key, report=report)
         notes += gptq_notes
-        settings.update(streamed=False)
+        settings.update(mode="in memory")
     cache.add_timings(hw_key, timed.new_timings)
 
     stats = {}

@@ -73,6 +73,10 @@ def quantize(
                                "gptq (calibrated) or auto (per layer, whichever scores lower)"),
     measure: bool = typer.Option(False, "--measure", help="time the float (own dtype and bf16) and the "
                                  "quantized forward on a calibration batch (makes a bf16 copy)"),
+    stream: bool = typer.Option(None, "--stream/--in-memory",
+                                help="read the model directory one block at a time for the search, "
+                                     "quantization and export, so the float model never exists in memory "
+                                     "(default: whenever the job allows it: round to nearest, no --measure)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Search the best format per layer, quantize, and write the checkpoint with plan.json."""
@@ -89,7 +93,7 @@ def quantize(
         if measure and texts is None:
             texts = read_calibration(calib)
         result = run_pipeline(model, config, calibration_texts=texts, plan=given_plan, out_dir=out_dir,
-                              progress=not quiet, measure=measure)
+                              progress=not quiet, measure=measure, stream=stream)
         plan = result.plan
     except InfeasibleBudget as e:
         raise _fail(f"{e}; pass --bits {e.smallest:g} or more") from None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoq.api import ProgressFn, apply, search
+from autoq.api import ProgressFn, _reporter, _RichProgress, _stage, apply, search
 from autoq.bench import forward_seconds
 from autoq.calibration import as_batches
 from autoq.config import SearchConfig
@@ -29,7 +29,7 @@ StageFn = Callable[[Stage, str], None]
 
 @dataclass
 class QuantizeResult:
-    model: nn.Module
+    model: nn.Module | None  # None after a streamed export (the quantized model is on disk only)
     tokenizer: Any
     plan: Plan
     # With measure=True: median seconds of one forward on the first calibration batch, of the
@@ -65,18 +65,43 @@ def calibration_batches(tokenizer, texts: Sequence[str] | None, source: str) -> 
     return text_batches(list(texts) if texts else bundled_texts(), tokenizer)
 
 
+def stream_refusal(model: Any, config: SearchConfig, plan: Plan | None, export_format: str | None,
+                   measure: bool) -> str | None:
+    """Why ``quantize`` cannot stream this job (``None`` when it can): only a model directory
+    searched and applied with round to nearest, without refinement, measurement or autoq's own
+    checkpoint format, streams."""
+    if isinstance(model, nn.Module):
+        return "a model object is already in memory"
+    if config.method != "rtn" or (plan is not None and "gptq" in plan.methods().values()):
+        return "GPTQ needs the whole model in memory"
+    if config.refine_trials:
+        return "refinement evaluates the whole model"
+    if measure:
+        return "measuring times the whole float and quantized models"
+    if export_format not in (None, "compressed-tensors"):
+        return f"the {export_format} writer takes a model in memory"
+    return None
+
+
 def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, *,
              calibration: Any = None, calibration_texts: Sequence[str] | None = None,
              tokenizer: Any = None, plan: Plan | None = None, out_dir: str | Path | None = None,
              export_format: str | None = None, on_stage: StageFn | None = None,
-             progress: bool | ProgressFn = True, measure: bool = False) -> QuantizeResult:
+             progress: bool | ProgressFn = True, measure: bool = False,
+             stream: bool | None = None) -> QuantizeResult:
     """Load ``model`` (a model object, ``bundled:minilm`` or a local Hugging Face directory),
     search a plan on the calibration (``calibration``: batches as ``autoq.search`` takes them;
     or ``calibration_texts``, tokenized with the model's tokenizer; default: autoq's bundled
     sentences) or take ``plan`` as given, quantize in place, and write the checkpoint to
     ``out_dir`` when given (compressed-tensors where it can express the model, else autoq's
     format; or ``export_format``). ``measure``: time the float (own dtype and bf16) and the
-    quantized model's forward on the first calibration batch (a bf16 copy is made for it)."""
+    quantized model's forward on the first calibration batch (a bf16 copy is made for it).
+
+    ``stream``: read a model directory one block at a time (``autoq.stream``) for the search,
+    the apply and the export, so the float model never exists in memory; with an ``out_dir`` the
+    result's ``model`` is then ``None`` (load it with ``autoq.load_quantized``). ``None``
+    (default) streams whenever the job allows it (see :func:`stream_refusal`); ``True`` raises
+    when it does not; ``False`` loads the model."""
     from autoq.checkpoint import save_quantized
     from autoq.models import load_model
 
@@ -86,6 +111,12 @@ def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, 
         if on_stage is not None:
             on_stage(name, message or name.value)
 
+    refusal = stream_refusal(model, config, plan, export_format, measure)
+    if stream and refusal:
+        raise ValueError(f"this job cannot be streamed: {refusal}")
+    if stream is not False and refusal is None:
+        return _quantize_streamed(model, config, calibration=calibration, calibration_texts=calibration_texts,
+                                  tokenizer=tokenizer, plan=plan, out_dir=out_dir, stage=stage, progress=progress)
     if isinstance(model, nn.Module):
         loaded = model
     else:
@@ -114,11 +145,53 @@ def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, 
     return QuantizeResult(loaded, tokenizer, plan, timed or None)
 
 
-def autoquant(model: nn.Module, calibration, config: SearchConfig | None = None, *,
+def _quantize_streamed(model: str | Path, config: SearchConfig, *, calibration: Any,
+                       calibration_texts: Sequence[str] | None, tokenizer: Any, plan: Plan | None,
+                       out_dir: str | Path | None, stage: Callable[..., None],
+                       progress: bool | ProgressFn) -> QuantizeResult:
+    from autoq import stream
+
+    stage(Stage.LOAD, f"opening {model} (streamed: one block in memory at a time)")
+    streamed = stream.StreamedModel(model)
+    if tokenizer is None:
+        tokenizer = _tokenizer_of(streamed.path)
+    if plan is None:
+        stage(Stage.CALIBRATION)
+        batches = calibration if calibration is not None else \
+            calibration_batches(tokenizer, calibration_texts, str(model))
+        plan = search(streamed, batches, config, progress=progress)
+    assignment = plan.assignment()
+    report = _reporter(progress)
+    try:
+        if out_dir is None:
+            stage(Stage.APPLY, "quantizing block by block")
+            model_out = stream.apply(streamed, assignment, report=_stage(report, Stage.APPLY))
+            return QuantizeResult(model_out, tokenizer, plan)
+        stage(Stage.EXPORT, "quantizing and writing block by block")
+        stream.export(streamed, assignment, out_dir, tokenizer=tokenizer, plan=plan,
+                      report=_stage(report, Stage.EXPORT))
+        return QuantizeResult(None, tokenizer, plan)
+    finally:
+        if isinstance(report, _RichProgress):
+            report.close()
+
+
+def _tokenizer_of(path: Path) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def autoquant(model: nn.Module | str | Path, calibration, config: SearchConfig | None = None, *,
               progress: bool | ProgressFn = True, **settings) -> tuple[nn.Module, Plan]:
     """:func:`autoq.search` (or reuse a cached plan), then quantize ``model`` in place.
 
-    Same arguments as :func:`autoq.search`; returns ``(model, plan)``."""
+    Same arguments as :func:`autoq.search`; returns ``(model, plan)``. ``model`` may be a local
+    Hugging Face directory: it is then searched and quantized block by block (the float model
+    never exists in memory; GPTQ and refinement load it instead)."""
     result = quantize(model, SearchConfig.build(config, **settings), calibration=calibration,
                       progress=progress)
     return result.model, result.plan

@@ -293,7 +293,12 @@ def _warn_split_fused_layers(layer_formats: dict[str, str]) -> None:
 
 def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` entry of ``config.json`` for a quantized model."""
-    layer_formats = _layer_format_map(model)
+    return quantization_config_for(_layer_format_map(model))
+
+
+def quantization_config_for(layer_formats: dict[str, str]) -> dict:
+    """The ``quantization_config`` for ``{layer name: format}`` over every quantizable layer
+    (``"none"`` for the ones left float, listed in ``ignore``)."""
     groups: dict[str, dict] = {}
     for name, format_name in layer_formats.items():
         if format_name == "none":
@@ -334,34 +339,76 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class ShardWriter:
+    """Writes tensors as they come into ``model.safetensors``, or into shards of at most
+    ``max_shard_size`` bytes plus an index (each shard is written as soon as it is full, so no
+    more than one shard is held in memory). ``close()`` names the shards and writes the index."""
+
+    def __init__(self, path: Path, max_shard_size: int):
+        for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors"),
+                      *path.glob(".shard-*.safetensors")]:
+            stale.unlink(missing_ok=True)
+        self.path, self.max_shard_size = path, max_shard_size
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.shard and self.size + nbytes > self.max_shard_size:
+            self._flush()
+        self.shard[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        file = self.path / f".shard-{len(self.written) + 1:05d}.safetensors"
+        save_file(self.shard, file, metadata={"format": "pt"})
+        self.written.append((file, list(self.shard)))
+        self.shard, self.size = {}, 0
+
+    def close(self) -> list[Path]:
+        if not self.written:  # everything fits one file
+            save_file(self.shard, self.path / WEIGHTS_FILE, metadata={"format": "pt"})
+            return [self.path / WEIGHTS_FILE]
+        if self.shard:
+            self._flush()
+        files, weight_map = [], {}
+        for i, (temporary, names) in enumerate(self.written, start=1):
+            file = self.path / SHARD_PATTERN.format(index=i, total=len(self.written))
+            temporary.replace(file)
+            files.append(file)
+            weight_map.update(dict.fromkeys(names, file.name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return files
+
+
 def write_safetensors(
     tensors: dict[str, torch.Tensor], path: Path, max_shard_size: int
 ) -> list[Path]:
     """``model.safetensors``, or shards plus an index when larger than ``max_shard_size`` bytes."""
-    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    writer = ShardWriter(path, max_shard_size)
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], path / WEIGHTS_FILE, metadata={"format": "pt"})
-        return [path / WEIGHTS_FILE]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        file = path / SHARD_PATTERN.format(index=i, total=len(shards))
-        save_file(shard, file, metadata={"format": "pt"})
-        files.append(file)
-        weight_map.update(dict.fromkeys(shard, file.name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return files
+        writer.add(name, t)
+    return writer.close()
+
+
+def write_config(path: Path, config: dict, architecture: str, dtype: torch.dtype,
+                 layer_formats: dict[str, str]) -> None:
+    """``config.json``: the model's config with the architecture, dtype and quantization_config."""
+    config = dict(config)
+    config["architectures"] = [architecture]
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config_for(layer_formats)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def warn_load_caveats(layer_formats: dict[str, str]) -> None:
+    """Warn about vLLM's fused layers with mixed formats and formats some loaders cannot read."""
+    _warn_split_fused_layers(layer_formats)
+    for caveat in sorted({c for f in set(layer_formats.values()) if (c := formats.get(f).ct_load_caveat())}):
+        warnings.warn(caveat, stacklevel=4)
 
 
 def save(
@@ -381,17 +428,13 @@ def save(
             stacklevel=3,
         )
         return native.save(model, path, tokenizer=tokenizer, plan=plan)
-    _warn_split_fused_layers(_layer_format_map(model))
-    for caveat in sorted({c for m in _quantized_names(model).values() if (c := m.format.ct_load_caveat())}):
-        warnings.warn(caveat, stacklevel=3)
+    layer_formats = _layer_format_map(model)
+    warn_load_caveats(layer_formats)
     path.mkdir(parents=True, exist_ok=True)
     (path / native.METADATA_FILE).unlink(missing_ok=True)  # a stale autoq.json would win on load
     native.write_side_files(model, path, tokenizer, plan)
-    config = json.loads((path / "config.json").read_text())
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(_model_dtype(model)).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(model)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_config(path, json.loads((path / "config.json").read_text()), type(model).__name__,
+                 _model_dtype(model), layer_formats)
     write_safetensors(export_state_dict(model), path, max_shard_size)
     return path
 
