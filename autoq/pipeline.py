@@ -167,6 +167,7 @@ def _quantize_streamed(model: str | Path, config: SearchConfig, *, calibration: 
             stage(Stage.APPLY, "quantizing block by block")
             model_out = stream.apply(streamed, assignment, report=_stage(report, Stage.APPLY))
             return QuantizeResult(model_out, tokenizer, plan)
+        stage(Stage.APPLY, "quantizing block by block, each block written as it is quantized")
         stage(Stage.EXPORT, "quantizing and writing block by block")
         stream.export(streamed, assignment, out_dir, tokenizer=tokenizer, plan=plan,
                       report=_stage(report, Stage.EXPORT))
