@@ -196,7 +196,7 @@ def test_stage_names_are_defined_once():
 
 def test_pipeline_reports_its_stages_and_writes_the_checkpoint(tmp_path):
     events = []
-    result = autoq.quantize("bundled:minilm", SearchConfig(formats=["int8_weight_only"], effective_bits=9,
+    result = autoq.quantize("bundled:minilm", stream=False, config=SearchConfig(formats=["int8_weight_only"], effective_bits=9,
                                                            cache_dir=str(tmp_path / "cache")),
                             calibration_texts=["A short sentence.", "Another one, a little longer."],
                             out_dir=tmp_path / "out", on_stage=lambda stage, message: events.append(stage),
