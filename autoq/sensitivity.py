@@ -153,6 +153,25 @@ def _per_sample_dot(g: torch.Tensor, dy: torch.Tensor, batch_size: int) -> torch
     return prod.sum().reshape(1)
 
 
+def output_gradients(output, batch: Batch, tensors: list[torch.Tensor], loss_fn: LossFn | None, probes: int,
+                     generator: torch.Generator) -> tuple[list, int]:
+    """``(grads, batch_size)``: the gradient of the loss (one entry, ``batch_size`` 0: elementwise
+    score) or of each random output probe (``probes`` entries; ``batch_size`` for the per-sample
+    score) with respect to ``tensors``."""
+    loss = model_loss(output, batch, loss_fn)
+    if loss is not None:
+        return [torch.autograd.grad(loss, tensors, allow_unused=True)], 0
+    out = output_tensor(output)
+    mask = output_mask(out, batch)
+    grads = []
+    for p in range(probes):
+        r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        if mask is not None:
+            r = r * mask
+        grads.append(torch.autograd.grad((r * out).sum(), tensors, allow_unused=True, retain_graph=p < probes - 1))
+    return grads, out.shape[0] if out.dim() >= 2 else 1
+
+
 def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Module], loss_fn: LossFn | None,
                       probes: int, generator: torch.Generator, checkpointing: bool = True):
     """One forward with every layer's input and output recorded, then the backward pass(es).
@@ -179,22 +198,8 @@ def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Modul
                 _checkpointed_blocks(model, checkpointing):
             output = run_batch(model, batch)
             recording[0] = False
-            tensors = [y for _, _, y in calls]
-            loss = model_loss(output, batch, loss_fn)
-            if loss is not None:
-                grads = [torch.autograd.grad(loss, tensors, allow_unused=True)]
-                batch_size = 0
-            else:
-                out = output_tensor(output)
-                mask = output_mask(out, batch)
-                batch_size = out.shape[0] if out.dim() >= 2 else 1
-                grads = []
-                for p in range(probes):
-                    r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-                    if mask is not None:
-                        r = r * mask
-                    grads.append(torch.autograd.grad((r * out).sum(), tensors, allow_unused=True,
-                                                     retain_graph=p < probes - 1))
+            grads, batch_size = output_gradients(output, batch, [y for _, _, y in calls], loss_fn, probes,
+                                                 generator)
     finally:
         for h in handles:
             h.remove()

@@ -56,7 +56,7 @@ from autoq import formats as formats_registry
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.formats import UNQUANTIZED
 from autoq.profile import LayerProfile, Profile
-from autoq.sensitivity import _layer_format_score, model_loss, output_mask, output_tensor
+from autoq.sensitivity import _layer_format_score, output_gradients
 from autoq.swap import LayerQuantizer, float_weight, is_quantizable, layer_shape, quantizable_layers
 
 Report = Callable[[float, str], None]
@@ -581,22 +581,8 @@ class _Search:
                 hidden = store.get(("h", last, b)).detach().requires_grad_(True)
                 with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True):
                     output = self.run_exit(b, hidden)
-                    tensors = [hidden] + [y for _, _, y in calls]
-                    loss = model_loss(output, batch, loss_fn)
-                    if loss is not None:
-                        grads = [torch.autograd.grad(loss, tensors, allow_unused=True)]
-                        batch_size = 0
-                    else:
-                        out = output_tensor(output)
-                        mask = output_mask(out, batch)
-                        batch_size = out.shape[0] if out.dim() >= 2 else 1
-                        grads = []
-                        for p in range(probes):
-                            r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-                            if mask is not None:
-                                r = r * mask
-                            grads.append(torch.autograd.grad((r * out).sum(), tensors, allow_unused=True,
-                                                             retain_graph=p < probes - 1))
+                    grads, batch_size = output_gradients(output, batch, [hidden] + [y for _, _, y in calls],
+                                                         loss_fn, probes, generator)
                 batch_size_of[b] = batch_size
                 self._keep_grads(last, b, hidden, grads)
                 yield [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
