@@ -114,6 +114,15 @@ def hardware_key(info: dict) -> str:
 # --------------------------------------------------------------------------------- validity
 
 
+def static_reason(fmt: str, out_features: int, in_features: int, device: torch.device) -> str | None:
+    """Why ``fmt`` cannot take a layer of this shape on this device, known before any weight or
+    activation is looked at (``None``: it can)."""
+    if fmt == UNQUANTIZED:
+        return None
+    format_ = formats_registry.get(fmt)
+    return format_.unsupported_reason(device) or format_.check(out_features, in_features)
+
+
 def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
                 sqnr_floor: float = SQNR_FLOOR_DB, *, name: str = "",
                 quantized: QuantizedMemo | None = None) -> str | None:
@@ -121,8 +130,7 @@ def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
     if fmt == UNQUANTIZED:
         return None
     weight = float_weight(module)
-    format_ = formats_registry.get(fmt)
-    reason = format_.unsupported_reason(weight.device) or format_.check(*weight.shape)
+    reason = static_reason(fmt, *weight.shape, weight.device)
     if reason:
         return reason
     try:

@@ -43,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -426,7 +426,6 @@ class StreamedStats:
     note: str
     peak_rss: int = 0
     spilled_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class _Search:
@@ -678,15 +677,18 @@ def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Mo
         seconds[Stage.PROFILE] = time.perf_counter() - start
 
         start = time.perf_counter()
+        dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
+        for name, module in layers.items():  # shape and device refusals, before any work
+            for fmt in fmts:
+                if reason := bench.static_reason(fmt, *layer_shape(module), sm.device):
+                    dropped[name][fmt] = reason
         jobs: dict = {}
         for name, module in layers.items():  # every layer's shapes, timed on its shape's copy
             entry = prof.layers[name]
             if not entry.shapes:
                 continue
             holder_name, holder = shape_weights[(*layer_shape(module), entry.dtype, module.bias is not None)]
-            usable = [f for f in fmts if not (formats_registry.get(f).unsupported_reason(sm.device)
-                                              or formats_registry.get(f).check(*layer_shape(module)))]
-            bench.add_shape_jobs(jobs, entry, holder, holder_name, usable)
+            bench.add_shape_jobs(jobs, entry, holder, holder_name, [f for f in fmts if f not in dropped[name]])
         table = dict(timings)
         new, failed = bench.time_shapes(jobs, table, report=stage(Stage.BENCHMARK))
         table.update(new)
@@ -696,14 +698,6 @@ def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Mo
         start = time.perf_counter()
         candidates = {name: list(fmts) for name in layers}
         scores = {name: {fmt: 0.0 for fmt in fmts} for name in layers}
-        dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
-        for name, module in layers.items():  # shape and device refusals, before any work
-            for fmt in fmts:
-                f = formats_registry.get(fmt)
-                reason = None if fmt == UNQUANTIZED else (f.unsupported_reason(sm.device)
-                                                          or f.check(*layer_shape(module)))
-                if reason:
-                    dropped[name][fmt] = reason
         run.backward(candidates, scores, dropped, loss_fn=loss_fn, probes=probes, seed=seed, sqnr_floor=sqnr_floor,
                      report=stage(Stage.SENSITIVITY))
         seconds[Stage.SENSITIVITY] = time.perf_counter() - start
@@ -724,10 +718,6 @@ def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Mo
             + f", peak RSS {peak / 2**20:.0f} MiB")
     return StreamedStats(prof, bench.BenchResult(latency, dropped, new), scores, dropped, seconds, note,
                          peak_rss=peak, spilled_bytes=spilled)
-
-
-def streamed_layers(sm: StreamedModel, exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
-    return quantizable_layers(sm.model, exclude=exclude)
 
 
 # --------------------------------------------------------------------------- apply and export
