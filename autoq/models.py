@@ -95,8 +95,14 @@ def load_model(spec: str | Path) -> tuple[nn.Module, object | None]:
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) the config needs "
                          f"({', '.join(missing[:5])}); refusing to random-initialise them")
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> object | None:
+    """The tokenizer saved in a model directory, or ``None`` when it has none."""
+    import transformers
+
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.eval(), tokenizer
+        return None

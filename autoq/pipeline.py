@@ -154,7 +154,9 @@ def _quantize_streamed(model: str | Path, config: SearchConfig, *, calibration: 
     stage(Stage.LOAD, f"opening {model} (streamed: one block in memory at a time)")
     streamed = stream.StreamedModel(model)
     if tokenizer is None:
-        tokenizer = _tokenizer_of(streamed.path)
+        from autoq.models import load_tokenizer
+
+        tokenizer = load_tokenizer(streamed.path)
     if plan is None:
         stage(Stage.CALIBRATION)
         batches = calibration if calibration is not None else \
@@ -175,15 +177,6 @@ def _quantize_streamed(model: str | Path, config: SearchConfig, *, calibration: 
     finally:
         if isinstance(report, _RichProgress):
             report.close()
-
-
-def _tokenizer_of(path: Path) -> Any:
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def autoquant(model: nn.Module | str | Path, calibration, config: SearchConfig | None = None, *,
