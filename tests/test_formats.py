@@ -92,3 +92,19 @@ def test_fp8_kernels_match_reference(name, monkeypatch):
     assert y.dtype == x.dtype and y.shape == (7, 48)
     # bf16 GEMM output (CPU) vs the float64 reference: a few bf16 ulps.
     torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", [f for f in formats.names() if formats.get(f).quantized])
+def test_quantizing_in_row_chunks_gives_the_whole_weights_result(fmt, monkeypatch):
+    """Large weights are quantized a chunk of rows at a time (bounded temporaries); the stored
+    tensors must be exactly those of quantizing the weight in one go."""
+    from autoq.formats import base
+
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    whole = formats.get(fmt).quantize(weight)
+    monkeypatch.setattr(base, "QUANTIZE_CHUNK_ELEMENTS", 256 * 7)  # 7 rows per chunk: uneven split
+    chunked = formats.get(fmt).quantize(weight)
+    assert chunked.out_features == 96 and chunked.in_features == 256
+    assert whole.tensors().keys() == chunked.tensors().keys()
+    for key, tensor in whole.tensors().items():
+        assert torch.equal(tensor, chunked.tensors()[key]), key

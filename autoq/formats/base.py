@@ -51,6 +51,21 @@ class QuantizedWeight:
         return QuantizedWeight(self.qweight[start:stop], self.scale[start:stop], zero_point,
                                stop - start, self.in_features, self.group_size)
 
+    @staticmethod
+    def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """The weight whose output rows are ``parts``' rows in order (inverse of :meth:`rows`)."""
+        first = parts[0]
+        zero_point = None if first.zero_point is None else torch.cat([p.zero_point for p in parts])
+        return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]),
+                               zero_point, sum(p.out_features for p in parts), first.in_features,
+                               first.group_size)
+
+
+# A weight is quantized this many elements of rows at a time: every format's parameters are per
+# output row (or per group within a row), and chunks bound the fp32 temporaries of a large
+# weight (a 32000 x 2048 head would otherwise need about 1 GB of them) to a few tens of MB.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 22
+
 
 class Kernel(Protocol):
     """One backend's implementation of one format (see ``autoq.kernels``)."""
@@ -150,7 +165,9 @@ class Format:
         reason = self.check(out_features, in_features)
         if reason:
             raise ValueError(f"cannot quantize a {out_features}x{in_features} weight to {self.name}: {reason}")
-        return self._quantize(weight.detach().float())
+        rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(in_features, 1))
+        parts = [self._quantize(chunk.float()) for chunk in weight.detach().split(rows)]
+        return parts[0] if len(parts) == 1 else QuantizedWeight.cat(parts)
 
     def _quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         raise NotImplementedError
