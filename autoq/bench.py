@@ -271,31 +271,46 @@ def add_shape_jobs(jobs: dict[tuple[int, int, int, str], ShapeJob], layer_prof: 
 def time_shapes(jobs: dict[tuple[int, int, int, str], ShapeJob], table: dict[str, float], *,
                 report: Report | None = None, quantized: QuantizedMemo | None = None
                 ) -> tuple[dict[str, float], dict[tuple[int, int, int, str, str], str]]:
-    """Time every (shape, format) of ``jobs`` not in ``table`` yet, all together in interleaved
-    rounds: ``(new timing-table entries, {(N, K, M, dtype, format): why it could not be timed})``."""
+    """Time every (shape, format) of ``jobs`` not in ``table`` yet: ``(new timing-table entries,
+    {(N, K, M, dtype, format): why it could not be timed})``.
+
+    One weight at a time: its formats are built, timed on all of its M buckets in interleaved
+    rounds (so they compare under the same machine load) and freed before the next weight's, so
+    memory holds one shape's modules (a 32000-wide head in every format is hundreds of MB)."""
     failed: dict[tuple[int, int, int, str, str], str] = {}
-    calls: dict[str, tuple[Callable, torch.Tensor]] = {}
-    for (n, k, m, dtype), job in jobs.items():
-        todo = [f for f in sorted(job.formats) if timing_key(f, n, k, m, dtype) not in table]
-        if not todo:
-            continue
-        weight = float_weight(job.module).detach()
-        x = torch.randn(m, k, device=weight.device).to(getattr(torch, dtype))
-        for fmt in todo:
-            try:
-                if fmt == UNQUANTIZED:
-                    fn = _float_linear(weight, job.module.bias, x.dtype)
-                else:
-                    fn = quantized_copy(job.module, fmt, job.name, quantized)
-                with torch.no_grad():
-                    fn(x)  # a kernel that fails on this shape is isolated here
-            except Exception as err:
-                failed[(n, k, m, dtype, fmt)] = f"timing raised {type(err).__name__}: {err}"
-                continue
-            calls[timing_key(fmt, n, k, m, dtype)] = (fn, x)
+    by_weight: dict[int, list[tuple[tuple[int, int, int, str], ShapeJob, list[str]]]] = {}
+    for key, job in jobs.items():
+        todo = [f for f in sorted(job.formats) if timing_key(f, *key) not in table]
+        if todo:
+            by_weight.setdefault(id(job.module), []).append((key, job, todo))
+    pairs = sum(len(todo) for group in by_weight.values() for _, _, todo in group)
     if report is not None:
-        report(0.0, f"timing {len(calls)} (format, shape) pairs, {len(jobs)} shapes")
-    return time_calls(calls, report=report), failed
+        report(0.0, f"timing {pairs} (format, shape) pairs, {len(jobs)} shapes")
+    new: dict[str, float] = {}
+    for i, group in enumerate(by_weight.values()):
+        module, name = group[0][1].module, group[0][1].name
+        weight = float_weight(module).detach()
+        fns: dict[str, Callable] = {}
+        calls: dict[str, tuple[Callable, torch.Tensor]] = {}
+        for (n, k, m, dtype), _job, todo in group:
+            x = torch.randn(m, k, device=weight.device).to(getattr(torch, dtype))
+            for fmt in todo:
+                try:
+                    if fmt not in fns:
+                        fns[fmt] = (_float_linear(weight, module.bias, x.dtype) if fmt == UNQUANTIZED
+                                    else quantized_copy(module, fmt, name, quantized))
+                    with torch.no_grad():
+                        fns[fmt](x)  # a kernel that fails on this shape is isolated here
+                except Exception as err:
+                    failed[(n, k, m, dtype, fmt)] = f"timing raised {type(err).__name__}: {err}"
+                    continue
+                calls[timing_key(fmt, n, k, m, dtype)] = (fns[fmt], x)
+        new.update(time_calls(calls))
+        del fns, calls
+        if report is not None:
+            n, k = group[0][0][:2]
+            report((i + 1) / len(by_weight), f"timed {n}x{k} ({i + 1}/{len(by_weight)} weights)")
+    return new, failed
 
 
 def layer_latency(prof: Profile, valid: dict[str, list[str]], table: dict[str, float],
