@@ -565,26 +565,20 @@ class _Search:
                         dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
                         continue
                     scores[name][fmt] += s
+            del calls, grads  # before the next batch's are made
 
     def backward(self, candidates, scores, dropped, *, loss_fn, probes: int, seed: int, sqnr_floor: float,
                  report: Report | None) -> None:
         sm, store = self.sm, self.store
         generator = torch.Generator(device=sm.device).manual_seed(seed)
-        n_units, last = len(sm.blocks) + 2, len(sm.blocks)
+        n_units = len(sm.blocks) + 2
         batch_size_of: dict[int, int] = {}
 
-        # exit: the loss or the probes give the gradient at the last block's output
+        # exit: the loss or the probes give the gradient at the last block's output. Each pass
+        # yields one batch at a time from a method, so no batch's graph or gradients outlive it.
         def exit_pass():
-            for b, batch in enumerate(self.batches):
-                calls: list = []
-                hidden = store.get(("h", last, b)).detach().requires_grad_(True)
-                with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True):
-                    output = self.run_exit(b, hidden)
-                    grads, batch_size = output_gradients(output, batch, [hidden] + [y for _, _, y in calls],
-                                                         loss_fn, probes, generator)
-                batch_size_of[b] = batch_size
-                self._keep_grads(last, b, hidden, grads)
-                yield [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
+            for b in range(len(self.batches)):
+                yield self._exit_batch(b, loss_fn, probes, generator, batch_size_of)
 
         with sm.loaded(sm.outer):
             self.score_unit(self.exit_layers, exit_pass(), candidates, scores, dropped, LayerQuantizer(), sqnr_floor)
@@ -594,18 +588,7 @@ class _Search:
         for i in reversed(range(len(sm.blocks))):
             def block_pass(i=i):
                 for b in range(len(self.batches)):
-                    calls: list = []
-                    hidden = store.get(("h", i, b)).detach().requires_grad_(True)
-                    with torch.enable_grad(), _recording(self.block_layers[i], calls, grad=True):
-                        out = self.run_block(i, b, hidden)
-                        tensors = [hidden] + [y for _, _, y in calls]
-                        seeds = self._grads_at(i + 1, b)
-                        grads = [torch.autograd.grad(out, tensors, grad_outputs=g, allow_unused=True,
-                                                     retain_graph=p < len(seeds) - 1)
-                                 for p, g in enumerate(seeds)]
-                    store.pop(("g", i + 1, b))
-                    self._keep_grads(i, b, hidden, grads)
-                    yield [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size_of[b]
+                    yield self._block_batch(i, b, batch_size_of[b])
 
             with sm.loaded(sm.block_part(i)):
                 self.score_unit(self.block_layers[i], block_pass(), candidates, scores, dropped, LayerQuantizer(),
@@ -615,16 +598,8 @@ class _Search:
 
         if self.entry_layers:  # quantizable layers before the first block: back through the entry
             def entry_pass():
-                for b, batch in enumerate(self.batches):
-                    calls: list = []
-                    with torch.enable_grad(), _recording(self.entry_layers, calls, grad=True):
-                        hidden, _ = self._catch(batch)
-                        tensors = [y for _, _, y in calls]
-                        seeds = self._grads_at(0, b)
-                        grads = [torch.autograd.grad(hidden, tensors, grad_outputs=g, allow_unused=True,
-                                                     retain_graph=p < len(seeds) - 1)
-                                 for p, g in enumerate(seeds)]
-                    yield [(n, x, y.detach()) for n, x, y in calls], grads, batch_size_of[b]
+                for b in range(len(self.batches)):
+                    yield self._entry_batch(b, batch_size_of[b])
 
             with sm.loaded(sm.outer):
                 self.score_unit(self.entry_layers, entry_pass(), candidates, scores, dropped, LayerQuantizer(),
@@ -633,6 +608,44 @@ class _Search:
             store.pop(("g", 0, b))
         if report is not None:
             report(1.0, f"{len(self.layers)} layers scored")
+
+    # One batch of each backward pass: ``(calls, per-probe gradients of the calls' outputs,
+    # batch size)``, and the gradient at the unit's input kept in the store for the next unit.
+
+    def _exit_batch(self, b: int, loss_fn, probes: int, generator: torch.Generator, batch_size_of: dict) -> tuple:
+        calls: list = []
+        last = len(self.sm.blocks)
+        hidden = self.store.get(("h", last, b)).detach().requires_grad_(True)
+        with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True):
+            output = self.run_exit(b, hidden)
+            grads, batch_size = output_gradients(output, self.batches[b], [hidden] + [y for _, _, y in calls],
+                                                 loss_fn, probes, generator)
+        batch_size_of[b] = batch_size
+        self._keep_grads(last, b, hidden, grads)
+        return [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
+
+    def _block_batch(self, i: int, b: int, batch_size: int) -> tuple:
+        calls: list = []
+        hidden = self.store.get(("h", i, b)).detach().requires_grad_(True)
+        with torch.enable_grad(), _recording(self.block_layers[i], calls, grad=True):
+            out = self.run_block(i, b, hidden)
+            grads = self._backward_from(i + 1, b, out, [hidden] + [y for _, _, y in calls])
+        self.store.pop(("g", i + 1, b))
+        self._keep_grads(i, b, hidden, grads)
+        return [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
+
+    def _entry_batch(self, b: int, batch_size: int) -> tuple:
+        calls: list = []
+        with torch.enable_grad(), _recording(self.entry_layers, calls, grad=True):
+            hidden, _ = self._catch(self.batches[b])
+            grads = self._backward_from(0, b, hidden, [y for _, _, y in calls])
+        return [(n, x, y.detach()) for n, x, y in calls], grads, batch_size
+
+    def _backward_from(self, boundary: int, b: int, out: torch.Tensor, tensors: list) -> list:
+        """Per probe, the gradients of ``tensors`` given the stored gradient at ``out``."""
+        seeds = self._grads_at(boundary, b)
+        return [torch.autograd.grad(out, tensors, grad_outputs=g, allow_unused=True, retain_graph=p < len(seeds) - 1)
+                for p, g in enumerate(seeds)]
 
     def _keep_grads(self, boundary: int, b: int, hidden: torch.Tensor, grads: list) -> None:
         stacked = [g[0] if g[0] is not None else torch.zeros_like(hidden) for g in grads]
