@@ -100,11 +100,13 @@ def _measure(model: nn.Module, batches: Sequence, layers: dict[str, nn.Module], 
     if streamed is not None:
         result = stream.measure(streamed, batches, layers, fmts, timings=cache.timings(hw_key),
                                 loss_fn=config.loss_fn, probes=config.probes, seed=config.seed,
-                                max_memory=config.max_memory, spill_dir=config.spill_dir, report=report)
+                                max_memory=config.max_memory, spill_dir=config.spill_dir, report=report,
+                                workers=config.workers, ray_address=config.ray_address)
         prof, timed, scores, failed, methods, seconds = (result.profile, result.bench, result.scores,
                                                          result.dropped, {}, result.seconds)
         notes.append(result.note)
-        settings.update(mode="streamed", peak_rss_bytes=result.peak_rss, spilled_bytes=result.spilled_bytes)
+        settings.update(mode="streamed", peak_rss_bytes=result.peak_rss, spilled_bytes=result.spilled_bytes,
+                        workers=config.workers)
     else:
         prof, timed, scores, failed, methods, seconds, gptq_notes = _measure_in_memory(
             model, batches, layers, config, cache=cache, hw_key=hw_key, report=report)
@@ -238,6 +240,10 @@ def _search(model, calibration, config: SearchConfig, report: ProgressFn | None)
     if isinstance(model, str | os.PathLike | stream.StreamedModel):
         streamed = open_streamed(model, config)
         model = streamed.model
+    elif config.workers > 1:
+        raise ValueError(f"workers={config.workers} splits a streamed search over Ray workers, each reading the "
+                         "model from its directory: pass the directory (autoq.search('path/to/model', ...)), "
+                         "or save this model with save_pretrained first; or workers=1")
     layers = quantizable_layers(model, exclude=config.exclude)
     if not layers:
         raise ValueError("the model has no quantizable layers (nn.Linear or GPT-2 Conv1D) left to search"

@@ -120,6 +120,10 @@ class SearchConfig:
     ``max_memory`` (bytes, default 1 GiB) and ``spill_dir`` (default: the system's temporary
     directory): for a streamed search, how many bytes of activations and gradients are kept in
     memory between blocks, and where the rest is spilled (neither changes a result).
+    ``workers`` (default 1) and ``ray_address``: a streamed search's sensitivity pass split by
+    calibration batch over that many Ray workers (each reads the model directory, so on a
+    cluster the path must exist on every node; default address: a running Ray or a new local
+    one); the same plan as one worker, sooner when the workers have their own cores or GPUs.
     """
 
     effective_bits: float | None = solve.DEFAULT_BUDGET
@@ -135,6 +139,8 @@ class SearchConfig:
     cache_dir: str | None = field(default=None, compare=False)
     max_memory: int = field(default=1 << 30, compare=False)
     spill_dir: str | None = field(default=None, compare=False)
+    workers: int = field(default=1, compare=False)
+    ray_address: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         budget = solve.DEFAULT_BUDGET if self.effective_bits is None else self.effective_bits
@@ -164,6 +170,9 @@ class SearchConfig:
             raise ValueError(f"max_memory must be a number of bytes (>= 0), got {self.max_memory!r}")
         if self.spill_dir is not None:
             set_("spill_dir", str(self.spill_dir))
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive integer (Ray workers for the sensitivity pass), "
+                             f"got {self.workers!r}")
 
     @classmethod
     def build(cls, config: SearchConfig | None = None, **settings) -> SearchConfig:

@@ -153,16 +153,24 @@ def _per_sample_dot(g: torch.Tensor, dy: torch.Tensor, batch_size: int) -> torch
     return prod.sum().reshape(1)
 
 
+def probe_seed(seed: int, batch_index: int) -> int:
+    """The seed of calibration batch ``batch_index``'s random probes: each batch has its own, so a
+    batch's score does not depend on which batches ran before it (or on which worker)."""
+    return (seed * 1_000_003 + batch_index) % 2**63
+
+
 def output_gradients(output, batch: Batch, tensors: list[torch.Tensor], loss_fn: LossFn | None, probes: int,
-                     generator: torch.Generator) -> tuple[list, int]:
+                     seed: int) -> tuple[list, int]:
     """``(grads, batch_size)``: the gradient of the loss (one entry, ``batch_size`` 0: elementwise
     score) or of each random output probe (``probes`` entries; ``batch_size`` for the per-sample
-    score) with respect to ``tensors``."""
+    score) with respect to ``tensors``. ``seed``: the batch's :func:`probe_seed`; the probes are
+    drawn on the output's own device (the last one of a model spread over several)."""
     loss = model_loss(output, batch, loss_fn)
     if loss is not None:
         return [torch.autograd.grad(loss, tensors, allow_unused=True)], 0
     out = output_tensor(output)
     mask = output_mask(out, batch)
+    generator = torch.Generator(device=out.device).manual_seed(seed)
     grads = []
     for p in range(probes):
         r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
@@ -173,7 +181,7 @@ def output_gradients(output, batch: Batch, tensors: list[torch.Tensor], loss_fn:
 
 
 def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Module], loss_fn: LossFn | None,
-                      probes: int, generator: torch.Generator, checkpointing: bool = True):
+                      probes: int, seed: int, checkpointing: bool = True):
     """One forward with every layer's input and output recorded, then the backward pass(es).
 
     Returns ``(calls, grads, batch_size)``: ``calls`` lists ``(layer, input, float output)`` per
@@ -198,8 +206,7 @@ def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Modul
                 _checkpointed_blocks(model, checkpointing):
             output = run_batch(model, batch)
             recording[0] = False
-            grads, batch_size = output_gradients(output, batch, [y for _, _, y in calls], loss_fn, probes,
-                                                 generator)
+            grads, batch_size = output_gradients(output, batch, [y for _, _, y in calls], loss_fn, probes, seed)
     finally:
         for h in handles:
             h.remove()
@@ -247,12 +254,11 @@ def score(
     scores = {name: {fmt: 0.0 for fmt in candidates[name]} for name in layers}
     dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
     quantized = LayerQuantizer() if quantized is None else quantized
-    generator = torch.Generator(device=device).manual_seed(seed)
     total = len(batches) * max(len(layers), 1)
 
     for b, batch in enumerate(batches):
         calls, grads, batch_size = _record_gradients(model, to_device(batch, device), layers, loss_fn,
-                                                     probes, generator, checkpointing)
+                                                     probes, probe_seed(seed, b), checkpointing)
         for li, (name, module) in enumerate(layers.items()):
             mine = [j for j, call in enumerate(calls) if call[0] == name]
             for fmt in candidates[name]:

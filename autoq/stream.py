@@ -56,7 +56,7 @@ from autoq import formats as formats_registry
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.formats import UNQUANTIZED
 from autoq.profile import LayerProfile, Profile
-from autoq.sensitivity import _layer_format_score, output_gradients
+from autoq.sensitivity import _layer_format_score, output_gradients, probe_seed
 from autoq.swap import LayerQuantizer, float_weight, is_quantizable, layer_shape, quantizable_layers
 
 Report = Callable[[float, str], None]
@@ -432,9 +432,11 @@ class _Search:
     """One streamed search's state: the batches, the caught block arguments, the activations."""
 
     def __init__(self, sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Module],
-                 store: TensorStore):
+                 store: TensorStore, batch_ids: Sequence[int] | None = None):
         self.sm = sm
         self.batches = [to_device(b, sm.device) for b in batches]
+        # each batch's index in the whole calibration set (its probes' seed), also on a worker
+        self.batch_ids = list(range(len(batches)) if batch_ids is None else batch_ids)
         self.layers = layers
         self.store = store
         self.calls: list[_BlockCall] = []
@@ -487,8 +489,9 @@ class _Search:
         with _forward_replaced(list(self.sm.blocks), lambda *args, **kwargs: replay):
             return run_batch(self.sm.model, self.batches[b])
 
-    def forward(self, profile: Profile, shape_weights: dict, report: Report | None) -> None:
-        """Every batch through every unit; shapes recorded, block inputs kept in the store."""
+    def forward(self, profile: Profile, shape_weights: dict | None, report: Report | None) -> None:
+        """Every batch through every unit; shapes recorded, block inputs kept in the store, and
+        (into ``shape_weights`` unless None) a copy of one layer's weights per distinct shape."""
         sm, n_units = self.sm, len(self.sm.blocks) + 2
 
         def record(calls: list) -> None:
@@ -500,7 +503,7 @@ class _Search:
                 entry.dtype = str(x.dtype).removeprefix("torch.")
                 module = self.layers[name]
                 shape = (*layer_shape(module), entry.dtype, module.bias is not None)
-                if shape not in shape_weights:  # keep a copy of one layer per shape for timing
+                if shape_weights is not None and shape not in shape_weights:  # one layer per shape, for timing
                     shape_weights[shape] = (name, _weights_copy(module))
 
         with torch.no_grad(), sm.loaded(sm.outer):
@@ -538,9 +541,9 @@ class _Search:
     # ---------------------------------------------------------------- backward, sensitivity
 
     def score_unit(self, unit_layers: dict[str, nn.Module], calls_and_grads, candidates, scores, dropped,
-                   quantizer: LayerQuantizer, sqnr_floor: float) -> None:
-        """Check (first batch) and score the unit's layers for every candidate format."""
-        checked = False
+                   quantizer: LayerQuantizer, sqnr_floor: float, check: bool = True) -> None:
+        """Check (on the first batch, when ``check``) and score the unit's layers for every candidate format."""
+        checked = not check
         for calls, grads, batch_size in calls_and_grads:
             if not checked:
                 checked = True
@@ -568,9 +571,10 @@ class _Search:
             del calls, grads  # before the next batch's are made
 
     def backward(self, candidates, scores, dropped, *, loss_fn, probes: int, seed: int, sqnr_floor: float,
-                 report: Report | None) -> None:
+                 report: Report | None, check: bool = True) -> None:
+        """Score every layer, unit by unit from the output back; ``check``: also run the layers'
+        validity checks (on this run's first batch; a data-parallel worker without batch 0 skips them)."""
         sm, store = self.sm, self.store
-        generator = torch.Generator(device=sm.device).manual_seed(seed)
         n_units = len(sm.blocks) + 2
         batch_size_of: dict[int, int] = {}
 
@@ -578,10 +582,11 @@ class _Search:
         # yields one batch at a time from a method, so no batch's graph or gradients outlive it.
         def exit_pass():
             for b in range(len(self.batches)):
-                yield self._exit_batch(b, loss_fn, probes, generator, batch_size_of)
+                yield self._exit_batch(b, loss_fn, probes, seed, batch_size_of)
 
         with sm.loaded(sm.outer):
-            self.score_unit(self.exit_layers, exit_pass(), candidates, scores, dropped, LayerQuantizer(), sqnr_floor)
+            self.score_unit(self.exit_layers, exit_pass(), candidates, scores, dropped, LayerQuantizer(), sqnr_floor,
+                            check)
         if report is not None:
             report(1 / n_units, "exit")
 
@@ -592,7 +597,7 @@ class _Search:
 
             with sm.loaded(sm.block_part(i)):
                 self.score_unit(self.block_layers[i], block_pass(), candidates, scores, dropped, LayerQuantizer(),
-                                sqnr_floor)
+                                sqnr_floor, check)
             if report is not None:
                 report((n_units - 1 - i) / n_units, f"block {i + 1}/{len(sm.blocks)}")
 
@@ -603,7 +608,7 @@ class _Search:
 
             with sm.loaded(sm.outer):
                 self.score_unit(self.entry_layers, entry_pass(), candidates, scores, dropped, LayerQuantizer(),
-                                sqnr_floor)
+                                sqnr_floor, check)
         for b in range(len(self.batches)):
             store.pop(("g", 0, b))
         if report is not None:
@@ -612,14 +617,14 @@ class _Search:
     # One batch of each backward pass: ``(calls, per-probe gradients of the calls' outputs,
     # batch size)``, and the gradient at the unit's input kept in the store for the next unit.
 
-    def _exit_batch(self, b: int, loss_fn, probes: int, generator: torch.Generator, batch_size_of: dict) -> tuple:
+    def _exit_batch(self, b: int, loss_fn, probes: int, seed: int, batch_size_of: dict) -> tuple:
         calls: list = []
         last = len(self.sm.blocks)
         hidden = self.store.get(("h", last, b)).detach().requires_grad_(True)
         with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True):
             output = self.run_exit(b, hidden)
             grads, batch_size = output_gradients(output, self.batches[b], [hidden] + [y for _, _, y in calls],
-                                                 loss_fn, probes, generator)
+                                                 loss_fn, probes, probe_seed(seed, self.batch_ids[b]))
         batch_size_of[b] = batch_size
         self._keep_grads(last, b, hidden, grads)
         return [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
@@ -671,8 +676,14 @@ def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Mo
             timings: dict[str, float], loss_fn=None, probes: int, seed: int,
             max_memory: int = DEFAULT_MAX_MEMORY, spill_dir: str | None = None,
             report: Callable[[str, float, str], None] | None = None,
-            sqnr_floor: float = bench.SQNR_FLOOR_DB) -> StreamedStats:
-    """Profile, benchmark and score ``layers`` of a streamed model, block by block."""
+            sqnr_floor: float = bench.SQNR_FLOOR_DB, workers: int = 1,
+            ray_address: str | None = None) -> StreamedStats:
+    """Profile, benchmark and score ``layers`` of a streamed model, block by block.
+
+    ``workers`` > 1: the sensitivity pass (the costly part) runs data-parallel on that many Ray
+    workers (``ray_address``: the cluster; default a running one or a new local one), each
+    streaming the checkpoint itself over its share of the calibration batches; their scores are
+    summed here. Profile and benchmark run in this process, so the timings are this machine's."""
     from autoq.stages import Stage
 
     def stage(name: Stage) -> Report | None:
@@ -710,9 +721,15 @@ def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Mo
 
         start = time.perf_counter()
         candidates = {name: list(fmts) for name in layers}
-        scores = {name: {fmt: 0.0 for fmt in fmts} for name in layers}
-        run.backward(candidates, scores, dropped, loss_fn=loss_fn, probes=probes, seed=seed, sqnr_floor=sqnr_floor,
-                     report=stage(Stage.SENSITIVITY))
+        if workers > 1:
+            store.close()  # the workers compute their own activations
+            scores = _score_on_ray(sm, batches, layers, candidates, dropped, workers=workers, ray_address=ray_address,
+                                   loss_fn=loss_fn, probes=probes, seed=seed, sqnr_floor=sqnr_floor,
+                                   max_memory=max_memory, spill_dir=spill_dir, report=stage(Stage.SENSITIVITY))
+        else:
+            scores = {name: {fmt: 0.0 for fmt in fmts} for name in layers}
+            run.backward(candidates, scores, dropped, loss_fn=loss_fn, probes=probes, seed=seed,
+                         sqnr_floor=sqnr_floor, report=stage(Stage.SENSITIVITY))
         seconds[Stage.SENSITIVITY] = time.perf_counter() - start
     finally:
         spilled = store.spilled_bytes
@@ -728,9 +745,80 @@ def measure(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Mo
     note = (f"streamed from {sm.path.name} block by block on {sm.device}: {len(sm.blocks)} blocks, "
             f"{sm.nbytes() / 2**20:.0f} MiB of weights on disk, activations held {held / 2**20:.0f} MiB"
             + (f", {spilled / 2**20:.0f} MiB spilled to disk" if spilled else "")
-            + f", peak RSS {peak / 2**20:.0f} MiB")
+            + f", peak RSS {peak / 2**20:.0f} MiB"
+            + (f"; sensitivity data-parallel on {workers} Ray workers" if workers > 1 else ""))
     return StreamedStats(prof, bench.BenchResult(latency, dropped, new), scores, dropped, seconds, note,
                          peak_rss=peak, spilled_bytes=spilled)
+
+
+# ------------------------------------------------------------------- data-parallel scoring
+
+
+def _shards(n: int, workers: int) -> list[list[int]]:
+    """Contiguous, near-equal shares of ``range(n)`` for ``workers`` (no empty share)."""
+    bounds = [round(i * n / workers) for i in range(workers + 1)]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def _score_shard(path: str, device: str, batches: list, batch_ids: list[int], layer_names: list[str],
+                 candidates: dict[str, list[str]], *, loss_fn, probes: int, seed: int, sqnr_floor: float,
+                 max_memory: int, spill_dir: str | None) -> tuple[dict, dict]:
+    """One worker's share of a data-parallel sensitivity pass: its batches forward and back
+    through the checkpoint it streams itself; ``(scores summed over its batches, dropped)``. The
+    worker with batch 0 also runs the layers' validity checks (on batch 0, as one process would)."""
+    sm = StreamedModel(path, device)
+    modules = dict(sm.model.named_modules())
+    layers = {name: modules[name] for name in layer_names}
+    store = TensorStore(max_memory, spill_dir)
+    try:
+        run = _Search(sm, batches, layers, store, batch_ids)
+        run.forward(Profile({n: LayerProfile(*layer_shape(m)) for n, m in layers.items()}, len(batches), {}),
+                    None, None)
+        scores = {name: dict.fromkeys(candidates[name], 0.0) for name in layers}
+        dropped: dict[str, dict[str, str]] = {name: {} for name in layers}
+        run.backward(candidates, scores, dropped, loss_fn=loss_fn, probes=probes, seed=seed, sqnr_floor=sqnr_floor,
+                     report=None, check=0 in batch_ids)
+    finally:
+        store.close()
+    return scores, dropped
+
+
+def _score_on_ray(sm: StreamedModel, batches: Sequence[Batch], layers: dict[str, nn.Module],
+                  candidates: dict[str, list[str]], dropped: dict[str, dict[str, str]], *, workers: int,
+                  ray_address: str | None, report: Report | None, **settings) -> dict[str, dict[str, float]]:
+    """The sensitivity pass split over Ray workers by calibration batch: scores summed, formats
+    any worker dropped added to ``dropped`` (the checking worker's reasons first). The sum is
+    the one-process sum in another order: the same plan."""
+    try:
+        import ray
+    except ImportError as err:
+        raise RuntimeError("workers > 1 scores on Ray, which is not installed: pip install 'autoq[ray]'") from err
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    gpus = 1 if sm.device.type == "cuda" else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_score_shard)
+    shards = _shards(len(batches), workers)
+    cpu_batches = [to_device(b, torch.device("cpu")) for b in batches]
+    refs = [task.remote(str(sm.path), sm.device.type, [cpu_batches[i] for i in ids], ids, list(layers), candidates,
+                        **settings) for ids in shards]
+    if report is not None:
+        report(0.0, f"{len(batches)} batches on {len(shards)} Ray workers")
+    results: dict = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        results[done[0]] = ray.get(done[0])
+        if report is not None:
+            report(len(results) / len(refs), f"{len(results)}/{len(refs)} workers done")
+    ordered = [results[ref] for ref in refs]  # the checking worker (batch 0) first
+    scores = {name: {fmt: 0.0 for fmt in candidates[name]} for name in layers}
+    for shard_scores, shard_dropped in ordered:
+        for name in layers:
+            for fmt, reason in shard_dropped[name].items():
+                dropped[name].setdefault(fmt, reason)
+            for fmt, value in shard_scores[name].items():
+                scores[name][fmt] += value
+    return scores
 
 
 # --------------------------------------------------------------------------- apply and export

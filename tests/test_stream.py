@@ -260,3 +260,42 @@ print(peak[0] - base)
     assert weights > 300e6
     print(f"peak RSS grew {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights")
     assert grown < 0.35 * weights, (grown, weights)
+
+
+def test_data_parallel_scoring_on_two_ray_workers_gives_the_same_plan(tmp_path):
+    """workers=2 on a local 2-CPU Ray cluster: the calibration batches split between two workers
+    that each stream the checkpoint, their scores summed: the one-process scores and plans."""
+    import shutil
+
+    ray = pytest.importorskip("ray")
+    path = llama_dir(tmp_path)
+    calibration = batches(n=5)  # an uneven split: 2 + 3 batches
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        parallel = autoq.search(path, calibration, cache_dir=tmp_path / "p", progress=False, formats=FORMATS,
+                                workers=2)
+    finally:
+        if started:
+            ray.shutdown()
+    shutil.copytree(tmp_path / "p" / "timings", tmp_path / "one" / "timings")  # one latency table
+    one = autoq.search(path, calibration, cache_dir=tmp_path / "one", progress=False, formats=FORMATS)
+    assert parallel.settings["workers"] == 2 and one.settings["workers"] == 1
+    assert "2 Ray workers" in next(n for n in parallel.notes if n.startswith("streamed"))
+    assert_same_scores(parallel, one, rel=1e-9)
+    assert parallel.assignment() == one.assignment()
+    for bits in (5, 6):
+        a = autoq.search(path, calibration, cache_dir=tmp_path / "p", progress=False, formats=FORMATS,
+                         effective_bits=bits)  # solved again from the cached statistics
+        b = autoq.search(path, calibration, cache_dir=tmp_path / "one", progress=False, formats=FORMATS,
+                         effective_bits=bits)
+        assert a.assignment() == b.assignment(), bits
+
+
+def test_workers_need_the_model_directory(tmp_path):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="pass the directory"):
+        autoq.search(model, batches(vocab=100), cache_dir=tmp_path, progress=False, workers=2)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        autoq.SearchConfig(workers=0)
