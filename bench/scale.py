@@ -102,6 +102,8 @@ def child(mode: str, path: str, cache: str, out: str | None) -> dict:
     result: dict = {"autoq": str(Path(autoq.__file__).parents[1])}
     if mode == "idle":
         pass
+    elif mode.startswith("make-"):  # a checkpoint, built here so the driver's RSS stays small
+        make_checkpoint(Path(path), *(mode.split("-")[1:2]), **({"layers": int(out)} if out else {}))
     elif mode == "export":
         from autoq.pipeline import quantize
 
@@ -120,7 +122,12 @@ def child(mode: str, path: str, cache: str, out: str | None) -> dict:
         torch.save(logits, Path(out) / "autoq-logits.pt")
         result.update(seconds=time.perf_counter() - t, layers=len(autoq.layer_formats(model)))
     else:
-        model = path
+        model, settings = path, {}
+        if mode == "streamed-ray":  # the sensitivity pass on 2 local Ray workers, one core each
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            settings["workers"] = 2
         if mode in ("memory", "baseline"):
             import transformers
 
@@ -128,7 +135,7 @@ def child(mode: str, path: str, cache: str, out: str | None) -> dict:
             model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
             result["load_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
-        plan = autoq.search(model, batches(), cache_dir=cache, progress=False)
+        plan = autoq.search(model, batches(), cache_dir=cache, progress=False, **settings)
         result.update(seconds=time.perf_counter() - t, stage_seconds=plan.stage_seconds,
                       bits=plan.effective_bits, plan=str(plan.save(Path(cache) / "plan.json")))
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -151,7 +158,7 @@ assert "autoq" not in sys.modules
 """.replace("VOCAB", str(VOCAB)).replace("BATCH", str(BATCH)).replace("TOKENS", str(TOKENS))
 
 
-def spawn(mode: str, path: Path, cache: Path, *, root: Path = REPO, out: Path | None = None) -> dict:
+def spawn(mode: str, path: Path, cache: Path, *, root: Path = REPO, out: Path | str | None = None) -> dict:
     # AUTOQ_CACHE_DIR: each run's own, so no run finds the CPU kernel-path choices another timed
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "AUTOQ_CACHE_DIR": str(cache)}
@@ -224,6 +231,7 @@ def main() -> int:
     parser.add_argument("--memory-sizes", default="20m,100m,400m", help="sizes also searched in memory")
     parser.add_argument("--baseline", type=Path, help="another autoq checkout (e.g. a worktree of main)")
     parser.add_argument("--baseline-sizes", default="20m,100m")
+    parser.add_argument("--ray-sizes", default="100m", help="sizes also searched streamed with 2 local Ray workers")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for 20m and the depth sweep")
     parser.add_argument("--depth", action="store_true", help="also 4 -> 16 layers at the 20m width")
     parser.add_argument("--depth-rounds", type=int, default=1)
@@ -272,13 +280,15 @@ def main() -> int:
         hidden, layers, inter, heads, kv, dtype = SIZES[size]
         path = work / f"llama-{size}"
         if not (path / "config.json").is_file():
-            make_checkpoint(path, size)
+            spawn(f"make-{size}", path, work / "unused")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         modes = ["streamed"]
         if size in args.memory_sizes.split(","):
             modes.append("memory")
         if args.baseline and size in args.baseline_sizes.split(","):
             modes.append("baseline")
+        if size in args.ray_sizes.split(","):
+            modes.append("streamed-ray")
         rounds = args.rounds if size == "20m" else 1
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(rounds):
@@ -292,7 +302,8 @@ def main() -> int:
             st = res["stage_seconds"]
             same = ("" if mode == "memory" or "memory" not in measured[size]
                     else agreement(res["plan"], measured[size]["memory"]["plan"]))
-            label = {"streamed": "streamed", "memory": "in memory", "baseline": "baseline (in memory)"}[mode]
+            label = {"streamed": "streamed", "memory": "in memory", "baseline": "baseline (in memory)",
+                     "streamed-ray": "streamed, 2 Ray workers"}[mode]
             emit(f"| llama-{size} ({dtype}) | {params / 1e6:,.0f}M | {mib(disk)} MiB | {label} | {res['seconds']:.1f} | "
                  f"{st.get('profile', 0):.1f} | {st.get('benchmark', 0):.1f} | {st.get('sensitivity', 0):.1f} | "
                  f"{mib(res['peak_rss'])} | {mib(res['peak_rss'] - idle)} | {same} |")
@@ -305,6 +316,11 @@ def main() -> int:
                     emit(f"- llama-{size}: {mode} search {m['baseline']['seconds'] / m[mode]['seconds']:.2f}x "
                          f"the baseline's speed ({m[mode]['seconds']:.1f} s vs {m['baseline']['seconds']:.1f} s, "
                          f"median of {args.rounds} interleaved runs, each with its own caches).")
+        if "streamed-ray" in m:
+            emit(f"- llama-{size}: streamed search with its sensitivity pass on 2 local Ray workers (one core each) "
+                 f"{m['streamed']['seconds'] / m['streamed-ray']['seconds']:.2f}x the one-process streamed speed "
+                 f"({m['streamed-ray']['seconds']:.1f} s vs {m['streamed']['seconds']:.1f} s; its peak RSS is the "
+                 "driver's, each worker streams the checkpoint too).")
     emit("")
 
     largest = sizes[-1]
@@ -335,7 +351,7 @@ def main() -> int:
         for n in (4, 16):
             path = work / f"llama-20m-{n}l"
             if not (path / "config.json").is_file():
-                make_checkpoint(path, "20m", layers=n)
+                spawn("make-20m", path, work / "unused", out=str(n))
         for r in range(args.depth_rounds):
             for n in (4, 16):
                 depth.setdefault(n, []).append(spawn("streamed", work / f"llama-20m-{n}l", work / f"cache-d{n}-{r}"))
