@@ -21,7 +21,7 @@ from autoq.calibration import as_batches, fingerprint
 from autoq.config import SearchConfig, loss_identity, plan_key
 from autoq.plan import LayerStats, ModelInfo, Plan, SearchStats, ShapeCount, build_plan
 from autoq.stages import Stage
-from autoq.swap import LayerQuantizer, assignment_of, layer_shape, quantizable_layers
+from autoq.swap import LayerQuantizer, assignment_of, float_weight, layer_shape, quantizable_layers
 from autoq.swap import apply as swap_layers
 
 __all__ = ["SearchConfig", "apply", "resolve", "search"]
@@ -248,6 +248,13 @@ def _search(model, calibration, config: SearchConfig, report: ProgressFn | None)
     if not layers:
         raise ValueError("the model has no quantizable layers (nn.Linear or GPT-2 Conv1D) left to search"
                          + (f" after exclude={list(config.exclude)}" if config.exclude else ""))
+    if streamed is None:
+        offloaded = [name for name, m in layers.items() if float_weight(m).device.type == "meta"]
+        if offloaded:
+            raise ValueError(f"{len(offloaded)} layers ({', '.join(offloaded[:3])}{', ...' if len(offloaded) > 3 else ''}) "
+                             "have their weights on the meta device (offloaded by accelerate's device_map, or never "
+                             "loaded); the in-memory search needs them: pass the model's directory instead, which "
+                             "streams it block by block")
     holdout: list = []
     if config.refine_trials:
         if len(batches) < 2:

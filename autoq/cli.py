@@ -77,6 +77,8 @@ def quantize(
                                 help="read the model directory one block at a time for the search, "
                                      "quantization and export, so the float model never exists in memory "
                                      "(default: whenever the job allows it: round to nearest, no --measure)"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Ray workers for a streamed search's sensitivity pass "
+                                "(calibration batches split among them; a running Ray cluster or a new local one)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Search the best format per layer, quantize, and write the checkpoint with plan.json."""
@@ -87,7 +89,7 @@ def quantize(
 
     try:
         config = SearchConfig(effective_bits=bits, objective=objective, formats=_split_formats(formats),
-                              method=method, cache_dir=cache_dir)
+                              method=method, cache_dir=cache_dir, workers=workers)
         given_plan = Plan.load(plan_path) if plan_path is not None else None
         texts = read_calibration(calib) if given_plan is None else None
         if measure and texts is None:

@@ -114,6 +114,9 @@ def quantize(model: str | Path | nn.Module, config: SearchConfig | None = None, 
     refusal = stream_refusal(model, config, plan, export_format, measure)
     if stream and refusal:
         raise ValueError(f"this job cannot be streamed: {refusal}")
+    if config.workers > 1 and (refusal or stream is False):
+        raise ValueError(f"workers={config.workers} splits a streamed search over Ray workers, and this job is not "
+                         f"streamed ({refusal or 'stream=False'}); use workers=1")
     if stream is not False and refusal is None:
         return _quantize_streamed(model, config, calibration=calibration, calibration_texts=calibration_texts,
                                   tokenizer=tokenizer, plan=plan, out_dir=out_dir, stage=stage, progress=progress)

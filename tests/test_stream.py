@@ -299,3 +299,12 @@ def test_workers_need_the_model_directory(tmp_path):
         autoq.search(model, batches(vocab=100), cache_dir=tmp_path, progress=False, workers=2)
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         autoq.SearchConfig(workers=0)
+
+
+def test_offloaded_weights_are_refused_in_memory_with_what_to_do(tmp_path):
+    """A model whose weights sit on the meta device (accelerate's disk/CPU offload leaves them
+    there between forwards) cannot be searched in memory; the error points at streaming."""
+    model = tiny_gpt2()
+    model.transformer.h[0].mlp.c_fc.to_empty(device="meta")
+    with pytest.raises(ValueError, match="meta device.*pass the model's directory"):
+        autoq.search(model, batches(vocab=100), cache_dir=tmp_path, progress=False)
