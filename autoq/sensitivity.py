@@ -22,6 +22,15 @@ Which ``L``:
   its first tensor); when the batch has an ``attention_mask`` of matching shape, padded positions
   get a zero probe so padding never counts.
 
+The output layer itself (an LM head: the last recorded call made ``out``, and it has more outputs
+than inputs) needs no probe: its ``J`` is the identity, so its score is taken exactly,
+``||ΔY · mask||²`` per sample (:class:`ExactOutput`). And the probes need not be drawn over the
+vocabulary: ``Wᵀ r`` for ``r ~ N(0, I)`` has the law of ``L e`` with ``L Lᵀ = Wᵀ W`` and
+``e ~ N(0, I)`` over the hidden size, so the backward starts at the head's input from ``L e``
+(:func:`output_factor`, computed once per search). The estimate for every other layer is
+unchanged in expectation; a batch of 2 x 128 tokens of a 32000-word vocabulary no longer holds
+``probes`` vocabulary-wide probes and their gradients through the head.
+
 Measured on all-MiniLM-L6-v2 (int4_g128, 16 calibration sentences, Spearman rank correlation
 against the embedding damage of quantizing each layer alone, on other sentences): per-sample
 squared dot product 0.947, one dot product over the whole batch 0.925, the elementwise square of
@@ -32,7 +41,8 @@ the unbiased estimate of ``||J_l ΔY||²``; with the 64 bundled sentences it rea
 Memory, per scoring batch: every layer's input ``X_l`` and its gradient under each probe are
 held (so about ``(1 + probes)`` times the batch's linear-layer activations; model parameters are
 frozen during the pass, so no weight gradients exist); perturbed outputs are computed one layer
-and one format at a time. Hugging Face models' repeated blocks run with activation checkpointing
+call at a time, every format's ``ΔY`` of that call together, and scored against one probe
+gradient at a time (:func:`layer_scores`). Hugging Face models' repeated blocks run with activation checkpointing
 (non-reentrant; recomputed in each backward), so the autograd graph does not keep their internal
 activations (eager attention probabilities, MLP intermediates) for all blocks at once; this costs
 about 20 % more scoring time on MiniLM and leaves the scores unchanged. Each layer's quantized
@@ -45,6 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -54,7 +65,7 @@ from torch import nn
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.formats import UNQUANTIZED
 from autoq.profile import eval_mode, model_device
-from autoq.swap import LayerQuantizer, QuantizedMemo, quantized_copy, swapped
+from autoq.swap import LayerQuantizer, QuantizedMemo, float_weight, quantized_copy, swapped
 
 Report = Callable[[float, str], None]
 LossFn = Callable[[object, Batch], torch.Tensor]
@@ -146,11 +157,61 @@ def _checkpointed_blocks(model: nn.Module, enable: bool):
                 m._gradient_checkpointing_func = func
 
 
-def _per_sample_dot(g: torch.Tensor, dy: torch.Tensor, batch_size: int) -> torch.Tensor:
-    prod = (g.float() * dy.float())
-    if prod.dim() >= 2 and prod.shape[0] == batch_size:
-        return prod.reshape(batch_size, -1).sum(dim=1)
-    return prod.sum().reshape(1)
+@dataclass
+class ExactOutput:
+    """Stands in for the probe gradients of the layer whose output *is* the model's output: there
+    the gradient of ``r · out`` is the probe ``r`` itself, so the layer's score is taken in
+    expectation, ``E_r[(r · ΔY)²] = ||ΔY · mask||²`` per sample, with no probe held."""
+
+    mask: torch.Tensor | None
+
+    def score(self, dy: torch.Tensor) -> float:
+        return float((dy if self.mask is None else dy * self.mask).pow(2).sum())
+
+
+@dataclass
+class OutputLayer:
+    """The recorded call that produced the model's output (``tensors[index]``), a linear layer with
+    more outputs than inputs (an LM head): the probes are drawn at its *input*, where ``Wᵀ r``
+    for ``r ~ N(0, I)`` is distributed as ``L e`` with ``L Lᵀ = Wᵀ W`` and ``e ~ N(0, I)``, so no
+    vocabulary-wide probe is drawn or carried back through the head."""
+
+    index: int
+    input: torch.Tensor  # the call's input, part of the graph
+    factor: torch.Tensor  # L
+
+
+GRAM_ROWS = 4096  # rows of W converted to fp32 at a time for Wᵀ W (a bf16 LM head is hundreds of MB)
+
+
+def output_factor(module: nn.Module) -> torch.Tensor | None:
+    """``L`` with ``L Lᵀ = Wᵀ W`` for an output layer worth drawing input-space probes for (more
+    outputs than inputs, ``Wᵀ W`` positive definite), else ``None``."""
+    weight = float_weight(module).detach()
+    n, k = weight.shape
+    if n <= k:
+        return None
+    gram = torch.zeros(k, k, dtype=torch.float64, device=weight.device)
+    for rows in weight.split(GRAM_ROWS):
+        rows = rows.float()
+        gram += (rows.T @ rows).double()
+    factor, info = torch.linalg.cholesky_ex(gram)
+    return factor.float() if int(info) == 0 else None
+
+
+def output_layer(output, call_output: torch.Tensor, index: int, call_input: torch.Tensor, module: nn.Module,
+                 name: str, factors: dict[str, torch.Tensor | None]) -> OutputLayer | None:
+    """An :class:`OutputLayer` when the recorded call (``call_output = module(call_input)``) made the
+    model's output; ``factors`` caches :func:`output_factor` by layer name for the search."""
+    try:
+        if output_tensor(output) is not call_output:
+            return None
+    except TypeError:
+        return None
+    if name not in factors:
+        factors[name] = output_factor(module)
+    factor = factors[name]
+    return None if factor is None else OutputLayer(index, call_input, factor)
 
 
 def probe_seed(seed: int, batch_index: int) -> int:
@@ -160,11 +221,12 @@ def probe_seed(seed: int, batch_index: int) -> int:
 
 
 def output_gradients(output, batch: Batch, tensors: list[torch.Tensor], loss_fn: LossFn | None, probes: int,
-                     seed: int) -> tuple[list, int]:
+                     seed: int, head: OutputLayer | None = None) -> tuple[list, int]:
     """``(grads, batch_size)``: the gradient of the loss (one entry, ``batch_size`` 0: elementwise
     score) or of each random output probe (``probes`` entries; ``batch_size`` for the per-sample
     score) with respect to ``tensors``. ``seed``: the batch's :func:`probe_seed`; the probes are
-    drawn on the output's own device (the last one of a model spread over several)."""
+    drawn on the output's own device (the last one of a model spread over several). With ``head``
+    the probes start at the head's input and its own entry is an :class:`ExactOutput`."""
     loss = model_loss(output, batch, loss_fn)
     if loss is not None:
         return [torch.autograd.grad(loss, tensors, allow_unused=True)], 0
@@ -172,6 +234,22 @@ def output_gradients(output, batch: Batch, tensors: list[torch.Tensor], loss_fn:
     mask = output_mask(out, batch)
     generator = torch.Generator(device=out.device).manual_seed(seed)
     grads = []
+    if head is not None:
+        x, others = head.input, [t for i, t in enumerate(tensors) if i != head.index]
+        shape = (*x.shape[:-1], head.factor.shape[0])
+        for p in range(probes):
+            e = torch.randn(shape, generator=generator, device=out.device, dtype=torch.float32)
+            z = (e @ head.factor.T).to(x.dtype)
+            if mask is not None:
+                z = z * mask
+            if x.requires_grad:
+                g = list(torch.autograd.grad(x, others, grad_outputs=z, allow_unused=True,
+                                             retain_graph=p < probes - 1))
+            else:  # nothing recorded before the head is upstream of it
+                g = [None] * len(others)
+            g.insert(head.index, ExactOutput(mask))
+            grads.append(g)
+        return grads, out.shape[0] if out.dim() >= 2 else 1
     for p in range(probes):
         r = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
         if mask is not None:
@@ -181,15 +259,18 @@ def output_gradients(output, batch: Batch, tensors: list[torch.Tensor], loss_fn:
 
 
 def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Module], loss_fn: LossFn | None,
-                      probes: int, seed: int, checkpointing: bool = True):
+                      probes: int, seed: int, checkpointing: bool = True,
+                      factors: dict[str, torch.Tensor | None] | None = None):
     """One forward with every layer's input and output recorded, then the backward pass(es).
 
     Returns ``(calls, grads, batch_size)``: ``calls`` lists ``(layer, input, float output)`` per
     layer call; ``grads[p][j]`` is the gradient for call ``j`` under probe ``p`` (one entry
     when a real loss is used); ``batch_size`` is 0 for a real loss (elementwise score).
+    ``factors``: the search's cache of :func:`output_factor`.
     """
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     recording = [True]  # off once the forward is done: checkpointed blocks rerun it in backward
+    last_input: list = [None]  # the last call's input, in the graph (the head's, for OutputLayer)
 
     def make_hook(name: str):
         def hook(module, args, output):
@@ -197,6 +278,7 @@ def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Modul
                 output = output.detach().requires_grad_(True)
             if recording[0]:
                 calls.append((name, args[0].detach(), output))
+                last_input[0] = args[0]
             return output
         return hook
 
@@ -206,30 +288,91 @@ def _record_gradients(model: nn.Module, batch: Batch, layers: dict[str, nn.Modul
                 _checkpointed_blocks(model, checkpointing):
             output = run_batch(model, batch)
             recording[0] = False
-            grads, batch_size = output_gradients(output, batch, [y for _, _, y in calls], loss_fn, probes, seed)
+            head = None
+            if calls and factors is not None:
+                name = calls[-1][0]
+                head = output_layer(output, calls[-1][2], len(calls) - 1, last_input[0], layers[name], name, factors)
+            last_input[0] = None
+            grads, batch_size = output_gradients(output, batch, [y for _, _, y in calls], loss_fn, probes, seed, head)
     finally:
         for h in handles:
             h.remove()
     return [(name, x, y.detach()) for name, x, y in calls], grads, batch_size
 
 
-def _layer_format_score(qmodule: nn.Module, calls: list, mine: list[int], grads: list, batch_size: int) -> float:
-    """This batch's S for one layer and format: one perturbed output at a time."""
-    total = 0.0
+def _probe_scores(diffs: torch.Tensor, grads: list[torch.Tensor], batch_size: int) -> list[float]:
+    """Per format (``diffs[f]`` = ΔY), the mean over probes of the squared per-sample dot product
+    with the probe gradient: all formats against one probe gradient at a time."""
+    per_sample = diffs.dim() >= 3 and diffs.shape[1] == batch_size
+    diffs = diffs.reshape(diffs.shape[0], batch_size if per_sample else 1, -1)
+    total = torch.zeros(diffs.shape[0], dtype=torch.float64, device=diffs.device)
+    for g in grads:
+        dots = torch.einsum("fbx,bx->fb", diffs, g.float().reshape(diffs.shape[1], -1))
+        total += dots.double().pow(2).sum(dim=1)
+    return (total / len(grads)).tolist()
+
+
+def layer_scores(qmodules: Mapping[str, nn.Module], calls: list, mine: list[int], grads: list,
+                 batch_size: int) -> tuple[dict[str, float], dict[str, str]]:
+    """This batch's S for one layer under each format of ``qmodules``, and the formats whose
+    module raised on the recorded inputs (with why). Perturbed outputs are computed one call at
+    a time; under random probes the formats' ΔY are scored together against each probe."""
+    totals = {fmt: 0.0 for fmt in qmodules}
+    failed: dict[str, str] = {}
     for j in mine:
         _, x, y = calls[j]
+        first = grads[0][j]
+        if first is None:  # the output does not depend on this call
+            continue
         with torch.no_grad():
-            dy = qmodule(x).float() - y.float()
-            for probe_grads in grads:
-                g = probe_grads[j]
-                if g is None:  # the output does not depend on this call
+            y = y.float()
+            diffs: dict[str, torch.Tensor] = {}
+            for fmt, qmodule in qmodules.items():
+                if fmt in failed:
                     continue
-                if batch_size:  # random probes: squared dot product per sample
-                    total += float(_per_sample_dot(g, dy, batch_size).pow(2).sum()) / len(grads)
-                else:  # a real loss: elementwise (diagonal Fisher)
-                    total += float((g.float() * dy).pow(2).sum())
-        del dy
-    return total
+                try:
+                    dy = qmodule(x).float() - y
+                except Exception as err:  # a kernel failing on these inputs drops the format
+                    failed[fmt] = f"raised {type(err).__name__} while scoring: {err}"
+                    continue
+                if isinstance(first, ExactOutput):
+                    totals[fmt] += first.score(dy)
+                elif not batch_size:  # a real loss: elementwise (diagonal Fisher)
+                    totals[fmt] += float((first.float() * dy).pow(2).sum())
+                else:
+                    diffs[fmt] = dy
+            if diffs:
+                stacked, names = torch.stack(list(diffs.values())), list(diffs)
+                diffs.clear()
+                for fmt, s in zip(names, _probe_scores(stacked, [g[j] for g in grads], batch_size), strict=True):
+                    totals[fmt] += s
+                del stacked
+    return totals, failed
+
+
+def add_layer_scores(name: str, module: nn.Module, fmts: Sequence[str], quantizer: LayerQuantizer, calls: list,
+                     grads: list, batch_size: int, scores: dict, dropped: dict) -> None:
+    """Add one batch's scores of layer ``name`` for each of ``fmts`` still standing to
+    ``scores[name]``; a format whose module cannot be built or run, or whose score is not finite,
+    goes to ``dropped[name]`` with the reason (shared by the in-memory and streamed paths)."""
+    mine = [j for j, call in enumerate(calls) if call[0] == name]
+    qmodules = {}
+    for fmt in fmts:
+        if fmt == UNQUANTIZED or fmt in dropped[name]:
+            continue
+        try:
+            qmodules[fmt] = quantized_copy(module, fmt, name, quantizer)
+        except Exception as err:
+            dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
+    totals, failed = layer_scores(qmodules, calls, mine, grads, batch_size)
+    dropped[name].update(failed)
+    for fmt, s in totals.items():
+        if fmt in failed:
+            continue
+        if not math.isfinite(s):
+            dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
+            continue
+        scores[name][fmt] += s
 
 
 def score(
@@ -256,24 +399,12 @@ def score(
     quantized = LayerQuantizer() if quantized is None else quantized
     total = len(batches) * max(len(layers), 1)
 
+    factors: dict[str, torch.Tensor | None] = {}
     for b, batch in enumerate(batches):
         calls, grads, batch_size = _record_gradients(model, to_device(batch, device), layers, loss_fn,
-                                                     probes, probe_seed(seed, b), checkpointing)
+                                                     probes, probe_seed(seed, b), checkpointing, factors)
         for li, (name, module) in enumerate(layers.items()):
-            mine = [j for j, call in enumerate(calls) if call[0] == name]
-            for fmt in candidates[name]:
-                if fmt == UNQUANTIZED or fmt in dropped[name]:
-                    continue
-                try:
-                    qmodule = quantized_copy(module, fmt, name, quantized)
-                    s = _layer_format_score(qmodule, calls, mine, grads, batch_size)
-                except Exception as err:  # a kernel failing on these inputs drops the format
-                    dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
-                    continue
-                if not math.isfinite(s):
-                    dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
-                    continue
-                scores[name][fmt] += s
+            add_layer_scores(name, module, candidates[name], quantized, calls, grads, batch_size, scores, dropped)
             if report is not None:
                 report((b * len(layers) + li + 1) / total, f"batch {b + 1}/{len(batches)}: {name}")
         del calls, grads

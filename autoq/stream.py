@@ -35,7 +35,6 @@ The stages, block-wise:
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil
@@ -56,7 +55,7 @@ from autoq import formats as formats_registry
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.formats import UNQUANTIZED
 from autoq.profile import LayerProfile, Profile
-from autoq.sensitivity import _layer_format_score, output_gradients, probe_seed
+from autoq.sensitivity import add_layer_scores, output_gradients, output_layer, probe_seed
 from autoq.swap import LayerQuantizer, float_weight, is_quantizable, layer_shape, quantizable_layers
 
 Report = Callable[[float, str], None]
@@ -394,15 +393,19 @@ def _forward_replaced(modules: Sequence[nn.Module], forward: Callable) -> Iterat
 
 
 @contextmanager
-def _recording(layers: Mapping[str, nn.Module], calls: list, *, grad: bool) -> Iterator[None]:
+def _recording(layers: Mapping[str, nn.Module], calls: list, *, grad: bool,
+               last_input: list | None = None) -> Iterator[None]:
     """Record ``(name, input, output)`` of every call of ``layers``; with ``grad`` the outputs
-    are made part of the graph so their gradients can be asked for."""
+    are made part of the graph so their gradients can be asked for. ``last_input[0]``, when
+    given: the last call's input as it is in the graph."""
 
     def make_hook(name: str):
         def hook(module, args, output):
             if grad and not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             calls.append((name, args[0].detach(), output))
+            if last_input is not None:
+                last_input[0] = args[0]
             return output
         return hook
 
@@ -448,6 +451,7 @@ class _Search:
         self.entry_layers: dict[str, nn.Module] = {}
         self.exit_layers: dict[str, nn.Module] = {}
         self.output_tail: tuple | None = None  # the blocks' extra outputs when they return tuples
+        self.output_factors: dict[str, torch.Tensor | None] = {}  # sensitivity.output_factor, by layer
 
     # ---------------------------------------------------------------- forward, profile
 
@@ -555,19 +559,7 @@ class _Search:
                         if reason:
                             dropped[name][fmt] = reason
             for name, module in unit_layers.items():
-                mine = [j for j, call in enumerate(calls) if call[0] == name]
-                for fmt in candidates[name]:
-                    if fmt == UNQUANTIZED or fmt in dropped[name]:
-                        continue
-                    try:
-                        s = _layer_format_score(quantizer.get(module, fmt, name), calls, mine, grads, batch_size)
-                    except Exception as err:  # a kernel failing on these inputs drops the format
-                        dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
-                        continue
-                    if not math.isfinite(s):
-                        dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
-                        continue
-                    scores[name][fmt] += s
+                add_layer_scores(name, module, candidates[name], quantizer, calls, grads, batch_size, scores, dropped)
             del calls, grads  # before the next batch's are made
 
     def backward(self, candidates, scores, dropped, *, loss_fn, probes: int, seed: int, sqnr_floor: float,
@@ -619,12 +611,19 @@ class _Search:
 
     def _exit_batch(self, b: int, loss_fn, probes: int, seed: int, batch_size_of: dict) -> tuple:
         calls: list = []
+        last_input: list = [None]
         last = len(self.sm.blocks)
         hidden = self.store.get(("h", last, b)).detach().requires_grad_(True)
-        with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True):
+        with torch.enable_grad(), _recording(self.exit_layers, calls, grad=True, last_input=last_input):
             output = self.run_exit(b, hidden)
+            head = None
+            if calls:  # the LM head made the output: probes start at its input
+                name = calls[-1][0]
+                head = output_layer(output, calls[-1][2], len(calls), last_input[0], self.layers[name], name,
+                                    self.output_factors)
+            last_input[0] = None
             grads, batch_size = output_gradients(output, self.batches[b], [hidden] + [y for _, _, y in calls],
-                                                 loss_fn, probes, probe_seed(seed, self.batch_ids[b]))
+                                                 loss_fn, probes, probe_seed(seed, self.batch_ids[b]), head)
         batch_size_of[b] = batch_size
         self._keep_grads(last, b, hidden, grads)
         return [(n, x, y.detach()) for n, x, y in calls], [g[1:] for g in grads], batch_size
