@@ -155,8 +155,10 @@ def _measure_in_memory(model: nn.Module, batches: Sequence, layers: dict[str, nn
     start = time.perf_counter()
     candidates = {name: [f for f in fmts if f in timed.latency[name]] for name in layers}
     quantizers = {"rtn": [rtn], "gptq": [gptq], "auto": [rtn, gptq]}[config.method]
+    checkpointing = prof.batch_activation_bytes() > sensitivity.CHECKPOINT_ABOVE_BYTES
     scored = [sensitivity.score(model, batches, layers, candidates, loss_fn=config.loss_fn,
                                 probes=config.probes, seed=config.seed, quantized=quantizer,
+                                checkpointing=checkpointing,
                                 report=_stage(report, Stage.SENSITIVITY) if i == len(quantizers) - 1 else None)
               for i, quantizer in enumerate(quantizers)]
     scores, failed, methods = _lowest_scores(quantizers, scored)

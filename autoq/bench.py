@@ -125,8 +125,9 @@ def static_reason(fmt: str, out_features: int, in_features: int, device: torch.d
 
 def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
                 sqnr_floor: float = SQNR_FLOOR_DB, *, name: str = "",
-                quantized: QuantizedMemo | None = None) -> str | None:
-    """``None`` when ``fmt`` is usable for this layer, else the reason it is not."""
+                quantized: QuantizedMemo | None = None, reference: torch.Tensor | None = None) -> str | None:
+    """``None`` when ``fmt`` is usable for this layer, else the reason it is not. ``reference``:
+    the float layer's output on ``sample`` when the caller has it (one per layer, not per format)."""
     if fmt == UNQUANTIZED:
         return None
     weight = float_weight(module)
@@ -139,7 +140,7 @@ def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
             if sample is None:
                 return None
             out = qmodule(sample)
-            ref = module(sample)
+            ref = module(sample) if reference is None else reference
     except Exception as err:  # a kernel that cannot run this layer is dropped, never a crash
         return f"raised {type(err).__name__}: {err}"
     if not torch.isfinite(out).all():
@@ -148,6 +149,17 @@ def check_layer(module: nn.Module, fmt: str, sample: torch.Tensor | None,
     if sqnr < sqnr_floor:
         return f"output SQNR {sqnr:.1f} dB on the recorded activations is below the {sqnr_floor:g} dB floor"
     return None
+
+
+def float_output(module: nn.Module, sample: torch.Tensor | None) -> torch.Tensor | None:
+    """The float layer's output on ``sample`` (``None`` without one, or when it cannot run)."""
+    if sample is None:
+        return None
+    try:
+        with torch.no_grad():
+            return module(sample)
+    except Exception:  # check_layer reports the failure per format
+        return None
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -179,8 +191,10 @@ def time_calls(calls: dict, *, rounds: int = 5, per_round: int = 3, budget_s: fl
                report: Report | None = None) -> dict:
     """Median seconds per call of each ``calls[key] = (fn, x)``.
 
-    Every callable is warmed up, then timed in ``rounds`` interleaved rounds of ``per_round``
-    calls; one whose samples already add up to ``budget_s`` is not timed again (slow shapes).
+    Every callable is warmed up (one call: the module's first call has already chosen its
+    kernel path and built its layout), then timed in ``rounds`` interleaved rounds of
+    ``per_round`` calls; one with two or more samples adding up to ``budget_s`` is not timed
+    again (slow shapes).
     """
     samples: dict = {key: [] for key in calls}
     if not calls:
@@ -190,14 +204,13 @@ def time_calls(calls: dict, *, rounds: int = 5, per_round: int = 3, budget_s: fl
     with torch.no_grad():
         for fn, x in calls.values():  # warm-up: first calls build the backend layout and caches
             fn(x)
-            fn(x)
         if flush is not None:
             torch.cuda.synchronize(device)
         for r in range(rounds):
             for key, (fn, x) in calls.items():
-                if samples[key] and sum(samples[key]) > budget_s:
-                    continue
                 for _ in range(per_round):
+                    if len(samples[key]) >= 2 and sum(samples[key]) > budget_s:
+                        break
                     samples[key].append(_one_call_cpu(fn, x) if flush is None else _one_call_cuda(fn, x, flush))
             if report is not None:
                 report((r + 1) / rounds, f"timing round {r + 1}/{rounds}")
@@ -228,8 +241,10 @@ def benchmark(
     jobs: dict[tuple[int, int, int, str], ShapeJob] = {}
     for i, (name, module) in enumerate(layers.items()):
         sample = prof.samples.get(name)
+        reference = float_output(module, sample)
         for fmt in fmts:
-            reason = check_layer(module, fmt, sample, sqnr_floor, name=name, quantized=quantized)
+            reason = check_layer(module, fmt, sample, sqnr_floor, name=name, quantized=quantized,
+                                 reference=reference)
             if reason:
                 dropped[name][fmt] = reason
         valid[name] = [f for f in fmts if f not in dropped[name]]

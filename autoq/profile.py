@@ -36,6 +36,15 @@ class Profile:
     num_batches: int
     samples: dict[str, torch.Tensor]  # name -> [rows, K], detached, on the model's device
 
+    def batch_activation_bytes(self) -> int:
+        """Bytes of every layer's inputs and outputs for one calibration batch (the mean over
+        batches): what recording them all, as the sensitivity pass does, holds."""
+        total = 0
+        for entry in self.layers.values():
+            size = torch.empty((), dtype=getattr(torch, entry.dtype or "float32")).element_size()
+            total += sum(m * (k + entry.out_features) * count for (m, k), count in entry.shapes.items()) * size
+        return total // max(self.num_batches, 1)
+
 
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():

@@ -45,7 +45,8 @@ call at a time, every format's ``ΔY`` of that call together, and scored against
 gradient at a time (:func:`layer_scores`). Hugging Face models' repeated blocks run with activation checkpointing
 (non-reentrant; recomputed in each backward), so the autograd graph does not keep their internal
 activations (eager attention probabilities, MLP intermediates) for all blocks at once; this costs
-about 20 % more scoring time on MiniLM and leaves the scores unchanged. Each layer's quantized
+about 20 % more scoring time on MiniLM and leaves the scores unchanged, so the search turns it on
+only when a batch's recorded activations exceed ``CHECKPOINT_ABOVE_BYTES``. Each layer's quantized
 modules are built once and kept for the stage. Fewer probes or shorter scoring batches lower the
 peak.
 """
@@ -71,6 +72,11 @@ Report = Callable[[float, str], None]
 LossFn = Callable[[object, Batch], torch.Tensor]
 
 PROBES = 8
+# Activation checkpointing of the repeated blocks when one batch's recorded layer inputs and
+# outputs exceed this (the search decides from the profile): below it, the uncheckpointed graph
+# costs a few times that much memory and each probe's backward skips the blocks' recompute
+# (20M Llama, 8 batches x 8 probes: 1.4 s instead of 2.5 s).
+CHECKPOINT_ABOVE_BYTES = 128 * 2**20
 
 
 def output_tensor(output) -> torch.Tensor:
@@ -167,6 +173,43 @@ class ExactOutput:
 
     def score(self, dy: torch.Tensor) -> float:
         return float((dy if self.mask is None else dy * self.mask).pow(2).sum())
+
+    def masked_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The call's input as fp32 rows ``[tokens, K]``, padded positions zeroed."""
+        x = x.float() if self.mask is None else x.float() * self.mask.to(torch.float32)
+        return x.reshape(-1, x.shape[-1])
+
+
+class OutputInputs:
+    """The output layer's inputs over all scoring batches, from which a weight-only format's exact
+    score ``||X ΔWᵀ||²`` is taken once per search (:func:`add_output_scores`) instead of a forward
+    per format and batch: kept as rows while there are fewer than ``K`` of them, then as the
+    Gram matrix ``G = XᵀX`` (``Σ_n ΔW_n G ΔW_nᵀ``), so the product costs ``min(tokens, K)·N·K``."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+        self.gram: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        self.count += x.shape[0]
+        if self.gram is None and self.count <= x.shape[1]:
+            self.rows.append(x)
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            for r in self.rows:
+                self.gram += (r.T @ r).double()
+            self.rows = []
+        self.gram += (x.T @ x).double()
+
+    def damage(self, dw: torch.Tensor) -> float:
+        """``||X dwᵀ||²`` for a chunk of weight rows ``dw`` (fp32)."""
+        if self.gram is not None:
+            if self.gram.dtype != torch.float32:  # summed in float64, multiplied in fp32
+                self.gram = self.gram.float()
+            return float(((dw @ self.gram) * dw).sum(dtype=torch.float64))
+        return sum(float((r @ dw.T).pow(2).sum(dtype=torch.float64)) for r in self.rows)
 
 
 @dataclass
@@ -313,12 +356,16 @@ def _probe_scores(diffs: torch.Tensor, grads: list[torch.Tensor], batch_size: in
 
 
 def layer_scores(qmodules: Mapping[str, nn.Module], calls: list, mine: list[int], grads: list,
-                 batch_size: int) -> tuple[dict[str, float], dict[str, str]]:
-    """This batch's S for one layer under each format of ``qmodules``, and the formats whose
-    module raised on the recorded inputs (with why). Perturbed outputs are computed one call at
-    a time; under random probes the formats' ΔY are scored together against each probe."""
+                 batch_size: int, inputs: OutputInputs) -> tuple[dict[str, float], dict[str, str]]:
+    """This batch's S for one layer under each format of ``qmodules``, and the formats whose module
+    raised on the recorded inputs (with why). Perturbed outputs are computed one call at a time;
+    under random probes the formats' ΔY are scored together against each probe. When the layer is
+    the model's output layer, its inputs go to ``inputs`` and its weight-only formats are left out
+    of the totals: they are scored from ``inputs`` once the batches are done
+    (:func:`add_output_scores`)."""
     totals = {fmt: 0.0 for fmt in qmodules}
     failed: dict[str, str] = {}
+    exact_calls = False
     for j in mine:
         _, x, y = calls[j]
         first = grads[0][j]
@@ -327,8 +374,12 @@ def layer_scores(qmodules: Mapping[str, nn.Module], calls: list, mine: list[int]
         with torch.no_grad():
             y = y.float()
             diffs: dict[str, torch.Tensor] = {}
+            exact = isinstance(first, ExactOutput)
+            if exact:
+                exact_calls = True
+                inputs.add(first.masked_rows(x))
             for fmt, qmodule in qmodules.items():
-                if fmt in failed:
+                if fmt in failed or (exact and qmodule.format.weight_only):
                     continue
                 try:
                     dy = qmodule(x).float() - y
@@ -347,15 +398,16 @@ def layer_scores(qmodules: Mapping[str, nn.Module], calls: list, mine: list[int]
                 for fmt, s in zip(names, _probe_scores(stacked, [g[j] for g in grads], batch_size), strict=True):
                     totals[fmt] += s
                 del stacked
+    if exact_calls:
+        for fmt, qmodule in qmodules.items():
+            if qmodule.format.weight_only:
+                del totals[fmt]
     return totals, failed
 
 
-def add_layer_scores(name: str, module: nn.Module, fmts: Sequence[str], quantizer: LayerQuantizer, calls: list,
-                     grads: list, batch_size: int, scores: dict, dropped: dict) -> None:
-    """Add one batch's scores of layer ``name`` for each of ``fmts`` still standing to
-    ``scores[name]``; a format whose module cannot be built or run, or whose score is not finite,
-    goes to ``dropped[name]`` with the reason (shared by the in-memory and streamed paths)."""
-    mine = [j for j, call in enumerate(calls) if call[0] == name]
+def _standing(name: str, module: nn.Module, fmts: Sequence[str], quantizer: LayerQuantizer,
+              dropped: dict) -> dict[str, nn.Module]:
+    """The quantized modules of ``fmts`` not dropped yet (one that cannot be built is dropped)."""
     qmodules = {}
     for fmt in fmts:
         if fmt == UNQUANTIZED or fmt in dropped[name]:
@@ -364,15 +416,57 @@ def add_layer_scores(name: str, module: nn.Module, fmts: Sequence[str], quantize
             qmodules[fmt] = quantized_copy(module, fmt, name, quantizer)
         except Exception as err:
             dropped[name][fmt] = f"raised {type(err).__name__} while scoring: {err}"
-    totals, failed = layer_scores(qmodules, calls, mine, grads, batch_size)
-    dropped[name].update(failed)
+    return qmodules
+
+
+def _add_totals(name: str, totals: Mapping[str, float], scores: dict, dropped: dict) -> None:
     for fmt, s in totals.items():
-        if fmt in failed:
+        if fmt in dropped[name]:
             continue
         if not math.isfinite(s):
             dropped[name][fmt] = "non-finite sensitivity on the scoring batches"
             continue
         scores[name][fmt] += s
+
+
+def add_layer_scores(name: str, module: nn.Module, fmts: Sequence[str], quantizer: LayerQuantizer, calls: list,
+                     grads: list, batch_size: int, scores: dict, dropped: dict,
+                     inputs: dict[str, OutputInputs]) -> None:
+    """Add one batch's scores of layer ``name`` for each of ``fmts`` still standing to
+    ``scores[name]``; a format whose module cannot be built or run, or whose score is not finite,
+    goes to ``dropped[name]`` with the reason (shared by the in-memory and streamed paths). The
+    output layer's inputs are gathered in ``inputs[name]``: call :func:`add_output_scores` after
+    the last batch."""
+    mine = [j for j, call in enumerate(calls) if call[0] == name]
+    gathered = inputs.get(name, OutputInputs())
+    totals, failed = layer_scores(_standing(name, module, fmts, quantizer, dropped), calls, mine, grads,
+                                  batch_size, gathered)
+    dropped[name].update(failed)
+    _add_totals(name, totals, scores, dropped)
+    if gathered.count:
+        inputs[name] = gathered
+
+
+def add_output_scores(name: str, module: nn.Module, fmts: Sequence[str], quantizer: LayerQuantizer,
+                    inputs: dict[str, OutputInputs], scores: dict, dropped: dict) -> None:
+    """The output layer's exact score of each weight-only format, ``||X ΔWᵀ||²`` over every
+    scoring batch at once (``X`` = ``inputs[name]``), ``ΔW`` a chunk of rows at a time."""
+    gathered = inputs.pop(name, None)
+    if gathered is None:
+        return
+    weight = float_weight(module).detach()
+    totals = {}
+    for fmt, qmodule in _standing(name, module, fmts, quantizer, dropped).items():
+        if not qmodule.format.weight_only:
+            continue
+        qweight, total = qmodule.quantized_weight(), 0.0
+        with torch.no_grad():
+            for start in range(0, weight.shape[0], GRAM_ROWS):
+                stop = min(start + GRAM_ROWS, weight.shape[0])
+                dw = qmodule.format.dequantize(qweight.rows(start, stop), torch.float32) - weight[start:stop].float()
+                total += gathered.damage(dw)
+        totals[fmt] = total
+    _add_totals(name, totals, scores, dropped)
 
 
 def score(
@@ -400,14 +494,18 @@ def score(
     total = len(batches) * max(len(layers), 1)
 
     factors: dict[str, torch.Tensor | None] = {}
+    inputs: dict[str, OutputInputs] = {}  # the output layer's, for add_output_scores
     for b, batch in enumerate(batches):
         calls, grads, batch_size = _record_gradients(model, to_device(batch, device), layers, loss_fn,
                                                      probes, probe_seed(seed, b), checkpointing, factors)
         for li, (name, module) in enumerate(layers.items()):
-            add_layer_scores(name, module, candidates[name], quantized, calls, grads, batch_size, scores, dropped)
+            add_layer_scores(name, module, candidates[name], quantized, calls, grads, batch_size, scores, dropped,
+                             inputs)
             if report is not None:
                 report((b * len(layers) + li + 1) / total, f"batch {b + 1}/{len(batches)}: {name}")
         del calls, grads
+    for name in list(inputs):
+        add_output_scores(name, layers[name], candidates[name], quantized, inputs, scores, dropped)
     for name in layers:
         for fmt in dropped[name]:
             scores[name].pop(fmt, None)

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoq import bench
+from autoq import bench, sensitivity
 from autoq import formats as formats_registry
 from autoq.calibration import Batch, run_batch, to_device
 from autoq.formats import UNQUANTIZED
@@ -548,19 +548,25 @@ class _Search:
                    quantizer: LayerQuantizer, sqnr_floor: float, check: bool = True) -> None:
         """Check (on the first batch, when ``check``) and score the unit's layers for every candidate format."""
         checked = not check
+        inputs: dict[str, sensitivity.OutputInputs] = {}  # the output layer's, for add_output_scores
         for calls, grads, batch_size in calls_and_grads:
             if not checked:
                 checked = True
                 for name, module in unit_layers.items():
                     first = next((x for n, x, _ in calls if n == name), None)
                     sample = None if first is None else first.reshape(-1, first.shape[-1])[:SAMPLE_ROWS]
+                    reference = bench.float_output(module, sample)
                     for fmt in candidates[name]:
-                        reason = bench.check_layer(module, fmt, sample, sqnr_floor, name=name, quantized=quantizer)
+                        reason = bench.check_layer(module, fmt, sample, sqnr_floor, name=name, quantized=quantizer,
+                                                   reference=reference)
                         if reason:
                             dropped[name][fmt] = reason
             for name, module in unit_layers.items():
-                add_layer_scores(name, module, candidates[name], quantizer, calls, grads, batch_size, scores, dropped)
+                add_layer_scores(name, module, candidates[name], quantizer, calls, grads, batch_size, scores, dropped,
+                                 inputs)
             del calls, grads  # before the next batch's are made
+        for name in list(inputs):
+            sensitivity.add_output_scores(name, unit_layers[name], candidates[name], quantizer, inputs, scores, dropped)
 
     def backward(self, candidates, scores, dropped, *, loss_fn, probes: int, seed: int, sqnr_floor: float,
                  report: Report | None, check: bool = True) -> None:

@@ -36,14 +36,15 @@ def setting():
 
 def closed_form(model, batches, name: str) -> float:
     """``Σ_t ||J ΔY_t||²``: the squared output damage of quantizing ``name`` alone, linearised
-    (exact here: the model is linear), which the probe estimator's expectation is."""
+    (exact here: the model is linear), which the probe estimator's expectation is. The head's
+    weight-only score is taken from its input Gram matrix, so it is exact to fp32 rounding."""
     module = getattr(model, name)
     q = quantized_copy(module, FMT)
     total = 0.0
     with torch.no_grad():
         for x in batches:
             inp = x if name == "body" else model.body(x)
-            dy = q(inp) - module(inp)
+            dy = inp @ (q.dequantize() - module.weight).T  # the format's own arithmetic, no kernel rounding
             out_damage = dy @ model.head.weight.T if name == "body" else dy
             total += float(out_damage.pow(2).sum())
     return total
@@ -88,3 +89,17 @@ def test_padding_positions_count_nothing_in_the_exact_head_score(setting):
                                probes=2)
     trimmed = [x[:, :4] for x in batches]
     assert got["head"][FMT] == pytest.approx(closed_form(model, trimmed, "head"), rel=1e-5)
+
+
+def test_a_head_format_that_quantizes_activations_is_scored_by_its_module(setting):
+    """int8_dynamic's output is not ``x @ dequantize(W)ᵀ`` (activations are rounded per token), so
+    its head score comes from running the module on each batch, not from the Gram matrix."""
+    model, batches, layers = setting
+    scores, dropped = sensitivity.score(model, batches, {"head": model.head}, {"head": ["int8_dynamic", FMT]},
+                                        probes=2)
+    assert not any(dropped.values())
+    q = quantized_copy(model.head, "int8_dynamic")
+    with torch.no_grad():
+        expected = sum(float((q(model.body(x)) - model(x)).pow(2).sum()) for x in batches)
+    assert scores["head"]["int8_dynamic"] == pytest.approx(expected, rel=1e-5)
+    assert scores["head"][FMT] == pytest.approx(closed_form(model, batches, "head"), rel=1e-5)

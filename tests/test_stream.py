@@ -283,7 +283,9 @@ def test_data_parallel_scoring_on_two_ray_workers_gives_the_same_plan(tmp_path):
     one = autoq.search(path, calibration, cache_dir=tmp_path / "one", progress=False, formats=FORMATS)
     assert parallel.settings["workers"] == 2 and one.settings["workers"] == 1
     assert "2 Ray workers" in next(n for n in parallel.notes if n.startswith("streamed"))
-    assert_same_scores(parallel, one, rel=1e-9)
+    # 1e-6, not exact: the LM head's weight-only scores are fp32 products of its inputs (rows, or
+    # their Gram matrix once they outnumber its width), which a split of the batches regroups
+    assert_same_scores(parallel, one, rel=1e-6)
     assert parallel.assignment() == one.assignment()
     for bits in (5, 6):
         a = autoq.search(path, calibration, cache_dir=tmp_path / "p", progress=False, formats=FORMATS,

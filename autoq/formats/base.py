@@ -104,6 +104,9 @@ class Format:
 
     kernels: ClassVar[dict[str, Kernel]] = {}
     quantized: ClassVar[bool] = True  # False only for "none", which keeps the float layer
+    # Activations stay float: the layer's output is exactly ``x @ dequantize(W).T + b`` (formats
+    # that quantize activations set False).
+    weight_only: ClassVar[bool] = True
     weight_bits: ClassVar[int]  # bits of one stored weight value, before scales
 
     def __init_subclass__(cls, **kwargs):

@@ -114,6 +114,8 @@ class Fp8WeightOnly(Fp8PerChannel):
 class Fp8Dynamic(Fp8PerChannel):
     """W8A8-FP8: FP8 weights per channel, activations quantized to FP8 per token at run time."""
 
+    weight_only = False
+
     def reference_linear(self, x: torch.Tensor, weight: QuantizedWeight,
                          bias: torch.Tensor | None) -> torch.Tensor:
         xq, xs = P.quantize_per_token_fp8(x)

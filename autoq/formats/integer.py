@@ -126,6 +126,8 @@ class Int8Dynamic(Int8PerChannel):
     compressed-tensors' convention (``primitives.quantize_per_token_int8``: [-128, 127],
     ``scale = absmax / 127.5``, round half to even), accumulated exactly (int32)."""
 
+    weight_only = False
+
     def reference_linear(self, x: torch.Tensor, weight: QuantizedWeight,
                          bias: torch.Tensor | None) -> torch.Tensor:
         xq, xs = P.quantize_per_token_int8(x)
